@@ -1,0 +1,1 @@
+"""Build container images from Nix packages on demand and serve them over the registry pull API."""

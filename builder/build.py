@@ -1,0 +1,248 @@
+"""From an image request to a stored, cached image: the build path in order.
+
+resolve the package source -> look in the cache -> take the build lease ->
+Nix realises the closure -> plan layers -> pack and store each new layer ->
+store config and manifests -> record the image in the cache.
+
+One build per image: threads of this instance share one in-flight build, and
+instances share a lease in the cache; the others wait for its result. The
+cache is an optimisation: when it fails, the request is served by building
+(and the failure logged as degraded), never answered with a 5xx.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+from . import archive, errors, layers, logs, manifest, names, nix, sources
+from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
+from .config import Config
+from .storage import Storage
+
+CUSTOMISATION_FORMAT = "customisation-v1"
+
+
+@dataclass(frozen=True)
+class BuildError:
+    """A build failure worth showing on the index page."""
+
+    time: float
+    image: str
+    message: str
+
+
+def nix_settings(config: Config) -> nix.NixSettings:
+    return nix.NixSettings(
+        bin_dir=config.nix_bin_dir,
+        timeout=config.nix_timeout,
+        store=config.nix_store,
+        substituters=config.nix_substituters,
+        trusted_public_keys=config.nix_trusted_public_keys,
+        max_jobs=config.nix_max_jobs,
+    )
+
+
+def _registry_error(error: nix.NixError) -> errors.RegistryError:
+    """What a client sees of a failed Nix run: the package's fault is a 4xx with Nix's own words."""
+    if isinstance(error, nix.UnknownPackages):
+        unknown = ", ".join(error.names)
+        return errors.ManifestUnknown(f"unknown packages: {unknown}", {"unknown": list(error.names)})
+    if isinstance(error, nix.PackageFailed):
+        return errors.ManifestUnknown(error.message, {"nix": error.message})
+    if isinstance(error, nix.NixTimeout):
+        return errors.ManifestUnknown(error.message, {"nix": error.message})
+    return errors.ServerError(f"Nix is not usable on this server: {error.message}")
+
+
+def _remembered(error: dict) -> errors.RegistryError:
+    cls = getattr(errors, error.get("class", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.RegistryError)):
+        cls = errors.ManifestUnknown
+    return cls(error.get("message"), error.get("detail"))
+
+
+class ImageBuilder:
+    def __init__(self, config: Config, storage: Storage, cache: Cache, log: Callable[..., None] = logs.event):
+        self.config = config
+        self.storage = storage
+        self.cache = cache
+        self.log = log
+        self.nix_settings = nix_settings(config)
+        self.store_root = config.nix_store or "/"
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_seconds = int(config.env.get("BUILD_LEASE_SECONDS", "0") or 0) or config.nix_timeout + 120
+        self.recent_errors: deque[BuildError] = deque(maxlen=20)
+        self._in_flight: dict[str, Future] = {}
+        self._in_flight_lock = threading.Lock()
+
+    # -- the cache, tolerated when it fails --------------------------------
+
+    def _cache_call(self, what: str, call: Callable, *args, default=None):
+        try:
+            return call(*args)
+        except Exception as e:  # any backend fault degrades to "no cache"
+            self.log("cache-degraded", f"cache {what} failed: {e}", severity="WARNING", error=type(e).__name__)
+            return default
+
+    def cached_image(self, key: str) -> ImageRecord | None:
+        return self._cache_call("read", self.cache.get_image, key, time.time())
+
+    # -- entry point ---------------------------------------------------------
+
+    def image(self, request: names.ImageRequest, tag: str) -> ImageRecord:
+        source = sources.resolve(
+            tag, channel=self.config.channel, pkgs_repo=self.config.pkgs_repo, pkgs_path=self.config.pkgs_path
+        )
+        key = names.image_key(request, source.identity)
+        record = self.cached_image(key)
+        if record is not None:
+            return record
+        with self._in_flight_lock:
+            future = self._in_flight.get(key)
+            leader = future is None
+            if leader:
+                future = self._in_flight[key] = Future()
+        if not leader:
+            return future.result()
+        try:
+            record = self._coordinated_build(request, source, key)
+            future.set_result(record)
+            return record
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._in_flight_lock:
+                del self._in_flight[key]
+
+    def _coordinated_build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
+        """Build under the cache's lease, or wait for whoever holds it."""
+        wait, give_up = 0.1, time.time() + self.lease_seconds * 2
+        while True:
+            now = time.time()
+            lease = self._cache_call("lease", self.cache.claim_build, key, self.holder, now + self.lease_seconds, now)
+            if lease is None:  # no coordination possible: build alone
+                return self._build_and_record(request, source, key, lease_held=False)
+            if lease.holder == self.holder:
+                # The previous holder may have finished between our cache read and this claim.
+                record = self.cached_image(key)
+                if record is not None:
+                    self._cache_call("lease release", self.cache.finish_build, key, self.holder, None, 0)
+                    return record
+                return self._build_and_record(request, source, key, lease_held=True)
+            if lease.error is not None:
+                raise _remembered(lease.error)
+            if now > give_up:
+                raise errors.Unavailable("another instance is still building this image; try again shortly")
+            time.sleep(wait)
+            wait = min(wait * 1.5, 2.0)
+            record = self.cached_image(key)
+            if record is not None:
+                return record
+
+    def _build_and_record(self, request: names.ImageRequest, source: sources.PackageSource, key: str, lease_held: bool) -> ImageRecord:
+        error_to_remember = None
+        try:
+            return self._build(request, source, key)
+        except errors.RegistryError as e:
+            if e.status < 500:
+                error_to_remember = {"class": type(e).__name__, "message": e.message, "detail": e.detail}
+            self.recent_errors.append(BuildError(time.time(), request.name, e.message))
+            raise
+        finally:
+            if lease_held:
+                now = time.time()
+                self._cache_call(
+                    "lease release", self.cache.finish_build, key, self.holder, error_to_remember,
+                    now + self.config.failure_ttl,
+                )
+
+    # -- the build itself ----------------------------------------------------
+
+    def _build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
+        started = time.monotonic()
+        os.makedirs(self.config.work_dir, exist_ok=True)
+        work_dir = tempfile.mkdtemp(prefix="build-", dir=self.config.work_dir)
+        fields = {"image": request.name, "key": key, "source": source.identity}
+        try:
+            try:
+                closure = nix.realise(list(request.packages), source, request.system, self.nix_settings, work_dir)
+            except nix.NixError as e:
+                error = _registry_error(e)
+                self.log("nix-build", f"build of {request.name} failed", severity="WARNING", result="failed",
+                         duration=round(time.monotonic() - started, 3), error=error.message, **fields)
+                raise error from None
+            nix_seconds = time.monotonic() - started
+            plans = layers.plan_layers(closure.paths, list(closure.roots.values()), self.config.max_layers)
+            stored = [self._store_layer(plan) for plan in plans]
+            stored.append(self._customisation_layer(request, closure))
+            image_layers = [layer for layer, _ in stored]
+            packed = sum(1 for _, was_packed in stored if was_packed)
+            record = self._store_image(request, source, key, image_layers)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)  # drops the GC roots too
+        self.log("nix-build", f"built {request.name}", result="built", duration=round(time.monotonic() - started, 3),
+                 nix_seconds=round(nix_seconds, 3), layers=len(image_layers), layers_packed=packed,
+                 store_paths=len(closure.paths), **fields)
+        return record
+
+    def _store_layer(self, plan: layers.LayerPlan) -> tuple[manifest.Layer, bool]:
+        layer_key = f"{plan.key}:{self.config.compression}"
+        return self._reuse_or_pack(layer_key, lambda out: archive.pack_store_paths(
+            plan.paths, out, self.config.compression, self.store_root))
+
+    def _customisation_layer(self, request: names.ImageRequest, closure: nix.Closure) -> tuple[manifest.Layer, bool]:
+        roots = [closure.roots[name] for name in sorted(closure.roots)]
+        layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, *roots])) + ":" + self.config.compression
+        entries = archive.customisation_entries(roots, self.store_root)
+        return self._reuse_or_pack(layer_key, lambda out: archive.pack_entries(entries, out, self.config.compression))
+
+    def _reuse_or_pack(self, layer_key: str, pack: Callable) -> tuple[manifest.Layer, bool]:
+        """A layer seen before is neither packed nor stored again, as long as its blob is still there.
+
+        Returns the layer and whether it was packed now.
+        """
+        seen = self._cache_call("layer read", self.cache.get_layer, layer_key)
+        if seen is not None and self.storage.stat(seen.digest) is not None:
+            return manifest.Layer(seen.digest, seen.diff_id, seen.size, self._layer_format()), False
+        with self.storage.upload() as upload:
+            packed = pack(upload)
+            upload.commit(packed.digest, packed.md5, packed.size, "application/octet-stream")
+        record = LayerRecord(layer_key, packed.digest, packed.diff_id, packed.size, packed.md5)
+        self._cache_call("layer write", self.cache.put_layer, record)
+        return manifest.Layer(packed.digest, packed.diff_id, packed.size, self._layer_format()), True
+
+    def _layer_format(self) -> str:
+        return "tar+gzip" if self.config.compression == "gzip" else "tar"
+
+    def _store_image(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
+                     image_layers: list[manifest.Layer]) -> ImageRecord:
+        lowered = {p.lower() for p in request.packages}
+        env = ["PATH=/bin:/usr/bin"]
+        if "cacert" in lowered:
+            env.append("SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt")
+        cmd = ["bash"] if "bashinteractive" in lowered else None
+        config_bytes = manifest.image_config(image_layers, request.architecture, env, cmd)
+        config_blob = manifest.Blob(manifest.digest_of(config_bytes), len(config_bytes))
+        self.storage.put_bytes(config_blob.digest, config_bytes, "application/vnd.oci.image.config.v1+json")
+        refs = []
+        for media_type in manifest.MANIFEST_TYPES:
+            data = manifest.image_manifest(media_type, config_blob, image_layers)
+            digest = manifest.digest_of(data)
+            self.storage.put_bytes(digest, data, media_type)
+            refs.append(ManifestRef(digest, len(data), media_type))
+        now = time.time()
+        ttl = self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl
+        record = ImageRecord(key, tuple(refs), source.identity, now, now + ttl)
+        # Written last: every blob it points at is stored by now.
+        self._cache_call("image write", self.cache.put_image, record)
+        return record

@@ -1,0 +1,78 @@
+"""The build cache: images built recently, layers already stored, build leases.
+
+Two caches carried over from the seed (manifests built recently, layers
+already uploaded) plus the leases that let many instances run one build per
+image. A backend offers exactly this interface; `open_cache` (in
+`builder/config.py`) picks one from the configuration. The cache is an
+optimisation: callers treat a failing backend as a miss and build anyway.
+
+Records are written only after every blob they point at is stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ManifestRef:
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A built image: one manifest per media type, all over the same blobs."""
+
+    key: str
+    manifests: tuple[ManifestRef, ...]
+    source: str  # resolved package-source identity
+    created: float  # unix seconds
+    expires_at: float  # unix seconds; readers treat an expired record as absent
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A layer packed and stored once, found again by the store paths it holds."""
+
+    key: str
+    digest: str
+    diff_id: str
+    size: int
+    md5: str  # hex
+
+
+@dataclass(frozen=True)
+class BuildLease:
+    """Who builds an image now, or how its last build failed."""
+
+    key: str
+    holder: str
+    expires_at: float
+    error: dict | None = field(default=None)  # a failed build's error, remembered briefly
+
+
+class Cache(Protocol):
+    def get_image(self, key: str, now: float) -> ImageRecord | None: ...
+
+    def put_image(self, record: ImageRecord) -> None: ...
+
+    def get_layer(self, key: str) -> LayerRecord | None: ...
+
+    def put_layer(self, record: LayerRecord) -> None: ...
+
+    def claim_build(self, key: str, holder: str, expires_at: float, now: float) -> BuildLease:
+        """Take the build lease for `key` unless a live one exists; returns the lease in force.
+
+        The caller holds the lease when the returned holder is `holder`. An expired
+        lease (its holder died) is taken over. A live lease carrying an error is a
+        remembered failure: the caller reports it instead of building.
+        """
+        ...
+
+    def get_build(self, key: str) -> BuildLease | None: ...
+
+    def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:
+        """Release the lease; with an error, keep it until `remember_until` for waiters and retries."""
+        ...

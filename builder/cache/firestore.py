@@ -1,0 +1,268 @@
+"""The shared cache for deployments: Firestore (native mode), one database for all instances.
+
+Three collections, named `<prefix>manifests`, `<prefix>layers` and `<prefix>builds`.
+Document IDs are SHA-256 hex digests of the cache keys: keys are image names of up
+to a kilobyte and may hold `/`, which Firestore IDs cannot. Each document keeps its
+key too, and reads compare it, so a record never answers for another key.
+
+`expires_at` is stored as a Firestore timestamp so a TTL policy on that field (the
+deployment creates one for the manifests and builds collections) deletes old
+documents. TTL deletion lags by up to days, so every read checks it as well. The
+exact float given by the caller is stored next to it (`expires_at_unix`): a
+timestamp keeps microseconds only, and records should read back as written.
+
+Build leases: the first claim creates the lease document (`create()` is atomic and
+cheap, unlike contended transactions). A claim that finds an expired lease takes it
+over with an update conditioned on the lease's `update_time`: of two instances
+taking over one expired lease, the second's precondition fails, it re-reads and
+sees the winner's live lease. Releasing a lease is conditioned the same way, so a
+holder whose lease was taken over cannot delete its successor's.
+
+The cache is an optimisation, so no call may hang: every RPC has a short deadline
+and a retry budget of the same length. All failures to reach Firestore, and
+documents this code cannot read, raise `FirestoreUnavailable`; callers treat it
+as a miss and build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry, if_transient_error
+
+from ..errors import Unavailable
+from . import BuildLease, ImageRecord, LayerRecord, ManifestRef
+
+DEFAULT_TIMEOUT = 2.0  # seconds per RPC, retries included
+_CLAIM_ATTEMPTS = 8  # create / read / take over rounds before giving up on a churning lease
+
+T = TypeVar("T")
+
+
+class FirestoreUnavailable(Unavailable):
+    """Firestore could not answer in time, refused the call, or holds a document we cannot read.
+
+    A subclass of `errors.Unavailable` (503), so if it ever escapes the cache-as-miss
+    handling a client still gets a well-formed registry error.
+    """
+
+    default_message = "build cache unavailable"
+
+
+def doc_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _timestamp(unix: float) -> datetime:
+    return datetime.fromtimestamp(unix, timezone.utc)
+
+
+def _unix(data: dict[str, Any]) -> float:
+    exact = data.get("expires_at_unix")
+    if isinstance(exact, (int, float)):
+        return float(exact)
+    return data["expires_at"].timestamp()
+
+
+class FirestoreCache:
+    """The `Cache` interface over a `google.cloud.firestore.Client`.
+
+    Thread-safe: the client's gRPC channel is shared by this instance's threads.
+    """
+
+    def __init__(self, client: Any, prefix: str = "nixery-", timeout: float = DEFAULT_TIMEOUT):
+        self._client = client
+        self._timeout = timeout
+        # Transient errors (UNAVAILABLE, INTERNAL, 429) are retried within the same budget
+        # as the call itself; a stopped server therefore costs about `timeout`, not minutes.
+        self._retry = Retry(
+            predicate=if_transient_error, initial=0.05, maximum=0.5, multiplier=2.0, timeout=timeout
+        )
+        self._manifests = client.collection(f"{prefix}manifests")
+        self._layers = client.collection(f"{prefix}layers")
+        self._builds = client.collection(f"{prefix}builds")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "FirestoreCache":
+        from google.cloud import firestore
+
+        try:
+            client = firestore.Client(project=config.firestore_project, database=config.firestore_database)
+        except Exception as exc:  # credentials or project discovery failed
+            raise FirestoreUnavailable(f"build cache unavailable: cannot open Firestore: {exc}") from exc
+        return cls(client, prefix=config.firestore_prefix)
+
+    # -- images ---------------------------------------------------------------
+
+    def get_image(self, key: str, now: float) -> ImageRecord | None:
+        data = self._get(self._manifests.document(doc_id(key)), key)
+        if data is None:
+            return None
+        return self._decode(lambda: self._image(data, now), key)
+
+    @staticmethod
+    def _image(data: dict[str, Any], now: float) -> ImageRecord | None:
+        expires_at = _unix(data)
+        if expires_at <= now:
+            return None  # expired, and the TTL policy has not deleted it yet
+        return ImageRecord(
+            key=data["key"],
+            manifests=tuple(
+                ManifestRef(digest=m["digest"], size=int(m["size"]), media_type=m["media_type"])
+                for m in data["manifests"]
+            ),
+            source=data["source"],
+            created=float(data["created"]),
+            expires_at=expires_at,
+        )
+
+    def put_image(self, record: ImageRecord) -> None:
+        document = {
+            "key": record.key,
+            "manifests": [
+                {"digest": m.digest, "size": m.size, "media_type": m.media_type} for m in record.manifests
+            ],
+            "source": record.source,
+            "created": float(record.created),
+            "expires_at": _timestamp(record.expires_at),
+            "expires_at_unix": float(record.expires_at),
+        }
+        ref = self._manifests.document(doc_id(record.key))
+        self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
+
+    # -- layers ---------------------------------------------------------------
+
+    def get_layer(self, key: str) -> LayerRecord | None:
+        data = self._get(self._layers.document(doc_id(key)), key)
+        if data is None:
+            return None
+        return self._decode(
+            lambda: LayerRecord(
+                key=data["key"],
+                digest=data["digest"],
+                diff_id=data["diff_id"],
+                size=int(data["size"]),
+                md5=data["md5"],
+            ),
+            key,
+        )
+
+    def put_layer(self, record: LayerRecord) -> None:
+        document = {
+            "key": record.key,
+            "digest": record.digest,
+            "diff_id": record.diff_id,
+            "size": record.size,
+            "md5": record.md5,
+        }
+        ref = self._layers.document(doc_id(record.key))
+        self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
+
+    # -- build leases -----------------------------------------------------------
+
+    def claim_build(self, key: str, holder: str, expires_at: float, now: float) -> BuildLease:
+        ref = self._builds.document(doc_id(key))
+        fields = {
+            "key": key,
+            "holder": holder,
+            "expires_at": _timestamp(expires_at),
+            "expires_at_unix": float(expires_at),
+            "error": None,
+        }
+        ours = BuildLease(key, holder, expires_at, None)
+        for _ in range(_CLAIM_ATTEMPTS):
+            try:
+                self._call(lambda: ref.create(fields, timeout=self._timeout, retry=self._retry))
+                return ours
+            except FirestoreUnavailable as exc:
+                if not isinstance(exc.__cause__, api_exceptions.AlreadyExists):
+                    raise
+            snapshot = self._snapshot(ref)
+            if not snapshot.exists:
+                continue  # released between our create and our read: create again
+            lease = self._decode(lambda: self._lease(snapshot.to_dict(), key), key)
+            if lease.expires_at > now and lease.holder != holder:
+                return lease  # someone builds, or a failure is remembered
+            # Expired (its holder died, or a remembered failure ran out), or our own:
+            # take it over unless someone else changed it since we read it.
+            option = self._client.write_option(last_update_time=snapshot.update_time)
+            try:
+                self._call(lambda: ref.update(fields, option=option, timeout=self._timeout, retry=self._retry))
+                return ours
+            except FirestoreUnavailable as exc:
+                if not isinstance(exc.__cause__, (api_exceptions.FailedPrecondition, api_exceptions.NotFound)):
+                    raise
+            # Another instance took it over (or released it) first: look again.
+        raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
+
+    def get_build(self, key: str) -> BuildLease | None:
+        data = self._get(self._builds.document(doc_id(key)), key)
+        if data is None:
+            return None
+        return self._decode(lambda: self._lease(data, key), key)
+
+    def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:
+        ref = self._builds.document(doc_id(key))
+        for _ in range(_CLAIM_ATTEMPTS):
+            snapshot = self._snapshot(ref)
+            if not snapshot.exists:
+                return
+            data = snapshot.to_dict()
+            if data.get("holder") != holder or data.get("key") != key:
+                return  # taken over after our lease expired: not ours to release
+            option = self._client.write_option(last_update_time=snapshot.update_time)
+            try:
+                if error is None:
+                    self._call(lambda: ref.delete(option=option, timeout=self._timeout, retry=self._retry))
+                else:
+                    update = {
+                        "error": json.dumps(error, sort_keys=True),
+                        "expires_at": _timestamp(remember_until),
+                        "expires_at_unix": float(remember_until),
+                    }
+                    self._call(lambda: ref.update(update, option=option, timeout=self._timeout, retry=self._retry))
+                return
+            except FirestoreUnavailable as exc:
+                if not isinstance(exc.__cause__, (api_exceptions.FailedPrecondition, api_exceptions.NotFound)):
+                    raise
+        raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
+
+    @staticmethod
+    def _lease(data: dict[str, Any], key: str) -> BuildLease:
+        raw_error = data.get("error")
+        return BuildLease(
+            key=key,
+            holder=data["holder"],
+            expires_at=_unix(data),
+            error=json.loads(raw_error) if raw_error else None,
+        )
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except api_exceptions.GoogleAPIError as exc:  # includes RetryError after the retry budget
+            raise FirestoreUnavailable(f"build cache unavailable: {type(exc).__name__}: {exc}") from exc
+
+    def _snapshot(self, ref: Any) -> Any:
+        return self._call(lambda: ref.get(timeout=self._timeout, retry=self._retry))
+
+    def _get(self, ref: Any, key: str) -> dict[str, Any] | None:
+        snapshot = self._snapshot(ref)
+        if not snapshot.exists:
+            return None
+        data = snapshot.to_dict() or {}
+        if data.get("key") != key:
+            return None  # a digest collision or a foreign document: not this key's record
+        return data
+
+    @staticmethod
+    def _decode(fn: Callable[[], T], key: str) -> T:
+        try:
+            return fn()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FirestoreUnavailable(f"build cache unavailable: unreadable record for {key!r}: {exc!r}") from exc

@@ -1,0 +1,95 @@
+"""A per-instance memory in front of a shared cache.
+
+Image and layer records never change once written (an image key names its
+packages and source; a layer key names its store paths), so an instance may keep
+them until the image record's `expires_at` without asking the shared cache again.
+Misses are not remembered: another instance may build the image a moment later.
+Build leases change all the time and are always delegated.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+from . import BuildLease, Cache, ImageRecord, LayerRecord
+
+V = TypeVar("V")
+
+
+class _Lru(Generic[V]):
+    def __init__(self, max_entries: int):
+        self._max = max_entries
+        self._items: OrderedDict[str, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: V) -> None:
+        if self._max <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class MemoryCache:
+    """`Cache` over another `Cache`, keeping up to `max_entries` images and as many layers."""
+
+    def __init__(self, inner: Cache, max_entries: int = 10_000):
+        self.inner = inner
+        self._images: _Lru[ImageRecord] = _Lru(max_entries)
+        self._layers: _Lru[LayerRecord] = _Lru(max_entries)
+
+    def get_image(self, key: str, now: float) -> ImageRecord | None:
+        record = self._images.get(key)
+        if record is not None:
+            if record.expires_at > now:
+                return record
+            self._images.drop(key)
+        record = self.inner.get_image(key, now)
+        if record is not None:
+            self._images.put(key, record)
+        return record
+
+    def put_image(self, record: ImageRecord) -> None:
+        # Remembered before the shared write: the blobs are stored already, so the record is
+        # true even if the shared cache is down, and this instance need not rebuild it.
+        self._images.put(record.key, record)
+        self.inner.put_image(record)
+
+    def get_layer(self, key: str) -> LayerRecord | None:
+        record = self._layers.get(key)
+        if record is not None:
+            return record
+        record = self.inner.get_layer(key)
+        if record is not None:
+            self._layers.put(key, record)
+        return record
+
+    def put_layer(self, record: LayerRecord) -> None:
+        self._layers.put(record.key, record)
+        self.inner.put_layer(record)
+
+    def claim_build(self, key: str, holder: str, expires_at: float, now: float) -> BuildLease:
+        return self.inner.claim_build(key, holder, expires_at, now)
+
+    def get_build(self, key: str) -> BuildLease | None:
+        return self.inner.get_build(key)
+
+    def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:
+        self.inner.finish_build(key, holder, error, remember_until)

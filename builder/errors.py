@@ -1,0 +1,81 @@
+"""Registry errors: one small class per error code of the distribution spec.
+
+Every failure a client can see is raised as one of these and rendered to JSON
+in one place (`http.py`), so the status, code and message always agree with the
+spec and clients (skopeo, podman, docker) show the message to the user.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class RegistryError(Exception):
+    status: int = 500
+    code: str = "UNKNOWN"
+    default_message: str = "unknown error"
+
+    def __init__(self, message: str | None = None, detail: Any = None):
+        self.message = message or self.default_message
+        self.detail = detail
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error["detail"] = self.detail if self.detail is not None else {}
+        return json.dumps({"errors": [error]}).encode()
+
+
+class NameInvalid(RegistryError):
+    status, code, default_message = 400, "NAME_INVALID", "invalid repository name"
+
+
+class NameUnknown(RegistryError):
+    status, code, default_message = 404, "NAME_UNKNOWN", "repository name not known to registry"
+
+
+class ManifestUnknown(RegistryError):
+    status, code, default_message = 404, "MANIFEST_UNKNOWN", "manifest unknown"
+
+
+class ManifestInvalid(RegistryError):
+    status, code, default_message = 400, "MANIFEST_INVALID", "manifest invalid"
+
+
+class TagInvalid(RegistryError):
+    status, code, default_message = 400, "TAG_INVALID", "manifest tag did not match URI"
+
+
+class BlobUnknown(RegistryError):
+    status, code, default_message = 404, "BLOB_UNKNOWN", "blob unknown to registry"
+
+
+class DigestInvalid(RegistryError):
+    status, code, default_message = 400, "DIGEST_INVALID", "provided digest did not match uploaded content"
+
+
+class RangeInvalid(RegistryError):
+    # Not a spec code; the spec only demands 416 for an unsatisfiable range.
+    status, code, default_message = 416, "RANGE_INVALID", "requested range not satisfiable"
+
+
+class Unsupported(RegistryError):
+    status, code, default_message = 405, "UNSUPPORTED", "the operation is unsupported"
+
+
+class Denied(RegistryError):
+    status, code, default_message = 403, "DENIED", "requested access to the resource is denied"
+
+
+class TooManyRequests(RegistryError):
+    status, code, default_message = 429, "TOOMANYREQUESTS", "too many requests"
+
+
+class ServerError(RegistryError):
+    """The registry's own fault: storage unreachable, Nix missing, a bug."""
+
+    status, code, default_message = 500, "UNKNOWN", "internal server error"
+
+
+class Unavailable(RegistryError):
+    status, code, default_message = 503, "UNAVAILABLE", "service unavailable"

@@ -1,0 +1,175 @@
+"""The registry's HTTP face: the pull side of the distribution spec.
+
+Routes a request, calls the builder or storage, and renders every
+`RegistryError` to the spec's JSON error body here and nowhere else. A fault
+of the server's own is logged with its traceback and answered with a plain
+500 body: no stack trace ever reaches a client.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import time
+import traceback
+
+import flask
+
+from . import errors, manifest, names
+from .build import ImageBuilder
+from .config import Config, open_cache, open_storage
+from .logs import event
+from .storage import LocalFile, Redirect, Storage
+
+_MANIFEST = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]*)")
+_BLOB = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]*)")
+_TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list")
+_MAX_MANIFEST_SIZE = 4 << 20  # larger blobs are layers, never read as manifests
+_API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def _json(status: int, body: bytes, content_type: str = "application/json", **headers: str) -> flask.Response:
+    response = flask.Response(body, status=status, content_type=content_type)
+    response.headers.update(_API_HEADERS)
+    response.headers.update(headers)
+    return response
+
+
+def error_response(error: errors.RegistryError) -> flask.Response:
+    return _json(error.status, error.body())
+
+
+class Registry:
+    def __init__(self, config: Config, storage: Storage, builder: ImageBuilder):
+        self.config = config
+        self.storage = storage
+        self.builder = builder
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Registry":
+        storage = open_storage(config)
+        storage.check()
+        return cls(config, storage, ImageBuilder(config, storage, open_cache(config)))
+
+    # -- dispatch --------------------------------------------------------
+
+    def handle(self, request: flask.Request) -> flask.Response:
+        started = time.monotonic()
+        path = request.path
+        try:
+            response = self._route(request, path)
+        except errors.RegistryError as e:
+            response = error_response(e)
+        except Exception as e:  # our own fault: log it whole, tell the client little
+            event("request-error", f"{request.method} {path}: {e}", severity="ERROR",
+                  traceback=traceback.format_exc())
+            response = error_response(errors.ServerError("internal server error; see the registry's logs"))
+        severity = "INFO" if response.status_code < 500 else "ERROR"
+        event("request", f"{request.method} {path} {response.status_code}", severity=severity,
+              method=request.method, path=path, status=response.status_code,
+              duration=round(time.monotonic() - started, 4))
+        return response
+
+    def _route(self, request: flask.Request, path: str) -> flask.Response:
+        if path == "/" and request.method in ("GET", "HEAD"):
+            return self.index()
+        if not (path == "/v2" or path.startswith("/v2/")):
+            raise errors.NameUnknown(f"no such endpoint: {path[:200]}")
+        if request.method not in ("GET", "HEAD"):
+            raise errors.Unsupported(f"{request.method} is not supported: this registry is pull-only")
+        if path in ("/v2", "/v2/"):
+            return _json(200, b"{}")
+        if match := _MANIFEST.fullmatch(path):
+            return self.manifest(request, match["name"], match["reference"])
+        if match := _BLOB.fullmatch(path):
+            return self.blob(request, match["name"], match["digest"])
+        if match := _TAGS.fullmatch(path):
+            return self.tags(request, match["name"])
+        raise errors.NameUnknown(f"no such endpoint: {path[:200]}")
+
+    # -- endpoints -------------------------------------------------------
+
+    def manifest(self, request: flask.Request, name: str, reference: str) -> flask.Response:
+        names.check_repository(name, self.config.max_name_length)
+        if names.is_digest(reference):
+            names.check_digest(reference)
+            return self._manifest_by_digest(reference)
+        names.check_tag(reference)
+        image = names.parse_image_name(
+            name, always_include=self.config.always_include, max_packages=self.config.max_packages,
+            max_length=self.config.max_name_length,
+        )
+        record = self.builder.image(image, reference)
+        wanted = manifest.choose_media_type(request.headers.getlist("Accept"))
+        ref = next((m for m in record.manifests if m.media_type == wanted), record.manifests[0])
+        return self._manifest_by_digest(ref.digest)
+
+    def _manifest_by_digest(self, digest: str) -> flask.Response:
+        stat = self.storage.stat(digest)
+        data = self.storage.read_bytes(digest) if stat is not None and stat.size <= _MAX_MANIFEST_SIZE else None
+        media_type = manifest.manifest_media_type(data) if data is not None else None
+        if media_type is None:
+            raise errors.ManifestUnknown(f"manifest {digest} is not known to this registry", {"digest": digest})
+        return _json(200, data, content_type=media_type, **{"Docker-Content-Digest": digest})
+
+    def blob(self, request: flask.Request, name: str, digest: str) -> flask.Response:
+        names.check_repository(name, self.config.max_name_length)
+        names.check_digest(digest)
+        if request.method == "HEAD":
+            stat = self.storage.stat(digest)
+            if stat is None:
+                raise errors.BlobUnknown(f"blob {digest} is not known to this registry", {"digest": digest})
+            response = _json(200, b"", content_type="application/octet-stream", **{"Docker-Content-Digest": digest})
+            response.headers["Content-Length"] = str(stat.size)
+            return response
+        location = self.storage.locate(digest)
+        if location is None:
+            raise errors.BlobUnknown(f"blob {digest} is not known to this registry", {"digest": digest})
+        if isinstance(location, Redirect):
+            response = _json(307, b"", content_type="application/octet-stream",
+                             **{"Docker-Content-Digest": digest, "Location": location.url})
+            return response
+        assert isinstance(location, LocalFile)
+        response = flask.send_file(location.path, mimetype="application/octet-stream", conditional=True,
+                                   etag=digest, max_age=31536000)
+        if response.status_code == 416:
+            raise errors.RangeInvalid(f"range {request.headers.get('Range', '')!r} is not satisfiable for a blob of {location.size} bytes")
+        response.headers.update(_API_HEADERS)
+        response.headers["Docker-Content-Digest"] = digest
+        return response
+
+    def tags(self, request: flask.Request, name: str) -> flask.Response:
+        names.check_repository(name, self.config.max_name_length)
+        tags = ["latest"]
+        last = request.args.get("last")
+        if last:
+            tags = [t for t in tags if t > last]
+        n = request.args.get("n")
+        if n is not None:
+            if not n.isdigit():
+                raise errors.Unsupported(f"n must be a whole number, not {n[:20]!r}")
+            tags = tags[: int(n)]
+        return _json(200, json.dumps({"name": name, "tags": tags}).encode())
+
+    def index(self) -> flask.Response:
+        failures = "".join(
+            f"<li><code>{html.escape(e.image)}</code> at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(e.time))}:"
+            f"<pre>{html.escape(e.message)}</pre></li>"
+            for e in reversed(self.builder.recent_errors)
+        ) or "<li>none</li>"
+        host = flask.request.host
+        body = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Nix image registry</title></head>
+<body>
+<h1>Nix image registry</h1>
+<p>This registry builds container images on demand with Nix. Every path segment of an image name is a
+package; the image holds exactly those packages.</p>
+<pre>docker pull {html.escape(host)}/shell/hello
+podman pull {html.escape(host)}/shell/hello</pre>
+<p><code>shell</code> adds bash, coreutils, moreutils and nano; <code>arm64</code> builds for aarch64-linux.
+Tags: <code>latest</code>, or a commit of the package source where it has commits.</p>
+<h2>Recent build errors on this instance</h2>
+<ul>{failures}</ul>
+</body></html>
+"""
+        return flask.Response(body, status=200, content_type="text/html; charset=utf-8")

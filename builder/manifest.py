@@ -1,0 +1,110 @@
+"""Image config and manifests, in Docker schema2 and OCI flavours.
+
+Both flavours point at the same blobs (the config JSON is valid for both), so
+one build serves every client; the flavour is chosen per request from the
+client's Accept headers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST)
+
+_CONFIG_TYPE = {
+    DOCKER_MANIFEST: "application/vnd.docker.container.image.v1+json",
+    OCI_MANIFEST: "application/vnd.oci.image.config.v1+json",
+}
+_LAYER_TYPE = {
+    (DOCKER_MANIFEST, "tar+gzip"): "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    (DOCKER_MANIFEST, "tar"): "application/vnd.docker.image.rootfs.diff.tar",
+    (OCI_MANIFEST, "tar+gzip"): "application/vnd.oci.image.layer.v1.tar+gzip",
+    (OCI_MANIFEST, "tar"): "application/vnd.oci.image.layer.v1.tar",
+}
+
+# A fixed creation time keeps the config, and so every digest, reproducible.
+CREATED = "1970-01-01T00:00:01Z"
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Layer:
+    digest: str
+    diff_id: str
+    size: int
+    format: str  # "tar+gzip" | "tar"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def image_config(layers: Sequence[Layer], architecture: str, env: Sequence[str], cmd: Sequence[str] | None) -> bytes:
+    config: dict = {"Env": list(env)}
+    if cmd:
+        config["Cmd"] = list(cmd)
+    document = {
+        "architecture": architecture,
+        "os": "linux",
+        "created": CREATED,
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def image_manifest(media_type: str, config: Blob, layers: Sequence[Layer]) -> bytes:
+    document = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "config": {"mediaType": _CONFIG_TYPE[media_type], "digest": config.digest, "size": config.size},
+        "layers": [
+            {"mediaType": _LAYER_TYPE[(media_type, layer.format)], "digest": layer.digest, "size": layer.size}
+            for layer in layers
+        ],
+    }
+    return json.dumps(document, indent=3).encode()
+
+
+def manifest_media_type(data: bytes) -> str | None:
+    """The media type a stored manifest declares, or None when the bytes are not one of ours."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    return media_type if media_type in MANIFEST_TYPES else None
+
+
+def choose_media_type(accept_headers: Iterable[str]) -> str:
+    """The manifest flavour to serve for these Accept header lines.
+
+    Go clients send one Accept line per type, others one comma-separated line:
+    all are read. The client's first acceptable type wins (highest q first);
+    without a usable Accept, Docker schema2 is what every client understands.
+    """
+    candidates: list[tuple[float, int, str]] = []
+    position = 0
+    for header in accept_headers:
+        for item in header.split(","):
+            parts = [p.strip() for p in item.split(";")]
+            media_type, quality = parts[0].lower(), 1.0
+            for parameter in parts[1:]:
+                if parameter.startswith("q="):
+                    try:
+                        quality = float(parameter[2:])
+                    except ValueError:
+                        quality = 0.0
+            position += 1
+            if media_type in MANIFEST_TYPES and quality > 0:
+                candidates.append((-quality, position, media_type))
+    return min(candidates)[2] if candidates else DOCKER_MANIFEST

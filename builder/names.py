@@ -1,0 +1,97 @@
+"""Image names: what a client asks for, checked before anything else runs.
+
+`/v2/shell/git/htop/manifests/latest` asks for an image holding git and htop
+plus the shell meta-package. Nixery's rules, so its users switch without
+surprises: every path segment is a package attribute (dotted paths reach into
+nested sets); leading meta-packages `arm64` (build for aarch64-linux) and
+`shell` (bash, coreutils, moreutils, nano); the always-included packages are
+added; the list is sorted and deduplicated so `git/htop` and `htop/git` are one
+image. Everything is validated against the spec's grammar and bounds here, so
+no Nix process ever starts for a name that fails, and no byte a client sends
+reaches Nix except as a JSON string of checked package names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from .errors import DigestInvalid, NameInvalid, TagInvalid
+
+# The distribution spec's grammar for one path component, and for tags and digests.
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+SHA256_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+
+SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
+ARCHITECTURES = {"amd64": "x86_64-linux", "arm64": "aarch64-linux"}
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    name: str  # the repository name as the client sent it
+    packages: tuple[str, ...]  # sorted, deduplicated, with meta-packages expanded
+    architecture: str  # OCI architecture: amd64 | arm64
+
+    @property
+    def system(self) -> str:
+        return ARCHITECTURES[self.architecture]
+
+
+def check_repository(name: str, max_length: int) -> None:
+    if len(name) > max_length:
+        raise NameInvalid(f"repository name is longer than {max_length} characters", {"name": name[:100]})
+    components = name.split("/")
+    for component in components:
+        if not _COMPONENT.fullmatch(component):
+            raise NameInvalid(
+                f"invalid repository name component {component[:100]!r}: "
+                "use lower-case package names separated by '/'",
+                {"name": name},
+            )
+
+
+def parse_image_name(name: str, *, always_include: tuple[str, ...], max_packages: int, max_length: int) -> ImageRequest:
+    check_repository(name, max_length)
+    segments = name.split("/")
+    architecture = "amd64"
+    packages: list[str] = []
+    # Meta-packages count only at the front, as in Nixery: `shell/arm64/x` and `arm64/shell/x`.
+    while segments and segments[0] in ("arm64", "shell"):
+        head = segments.pop(0)
+        if head == "arm64":
+            architecture = "arm64"
+        else:
+            packages.extend(SHELL_PACKAGES)
+    packages.extend(segments)
+    if not segments and not packages:
+        raise NameInvalid("the image name names no package", {"name": name})
+    wanted = sorted(set(packages) | set(always_include))
+    if len(wanted) > max_packages:
+        raise NameInvalid(f"an image holds at most {max_packages} packages, this name asks for {len(wanted)}", {"name": name})
+    return ImageRequest(name=name, packages=tuple(wanted), architecture=architecture)
+
+
+def check_tag(tag: str) -> None:
+    if not TAG.fullmatch(tag):
+        raise TagInvalid(f"invalid tag {tag[:140]!r}", {"tag": tag[:140]})
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def check_digest(digest: str) -> None:
+    if not DIGEST.fullmatch(digest) or not digest.startswith("sha256:") or not SHA256_DIGEST.fullmatch(digest):
+        raise DigestInvalid(f"invalid digest {digest[:140]!r}: expected sha256:<64 hex digits>", {"digest": digest[:140]})
+
+
+def image_key(request: ImageRequest, source_identity: str) -> str:
+    """An unambiguous cache key: JSON keeps separators inside names from colliding."""
+    return json.dumps([request.architecture, list(request.packages), source_identity], separators=(",", ":"))
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,76 @@
+"""Content-addressed blob storage: layers, image configs and manifests.
+
+Every blob lives under its sha256 digest. A backend offers exactly this small
+interface; `open_storage` (in `builder/config.py`) picks one from the
+configuration. Blobs are written through an `Upload`: bytes are streamed into
+it while the caller computes the digest, and `commit` publishes them under
+their final name atomically, or skips the write when an object with the same
+MD5 is already there (the seed's upload check).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    size: int
+    md5: str | None = None  # hex; None when the backend does not know it cheaply
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """The blob is a file this process can send itself (Range is honoured)."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """The client fetches the blob elsewhere (a signed URL)."""
+
+    url: str
+    size: int | None = None
+
+
+BlobLocation = Union[LocalFile, Redirect]
+
+
+class Upload(Protocol):
+    """A blob being written. Use as a context manager: leaving without commit aborts."""
+
+    def write(self, data: bytes) -> int: ...
+
+    def commit(self, digest: str, md5_hex: str, size: int, media_type: str) -> bool:
+        """Publish under `digest`; returns False when an identical object was already there."""
+        ...
+
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> "Upload": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Storage(Protocol):
+    def upload(self) -> Upload: ...
+
+    def put_bytes(self, digest: str, data: bytes, media_type: str) -> None:
+        """Store a small blob (config, manifest) held in memory; idempotent."""
+        ...
+
+    def read_bytes(self, digest: str) -> bytes | None:
+        """A small blob's bytes, or None when it is not stored."""
+        ...
+
+    def stat(self, digest: str) -> BlobStat | None: ...
+
+    def locate(self, digest: str) -> BlobLocation | None:
+        """Where a client gets the blob's bytes, or None when it is not stored."""
+        ...
+
+    def check(self) -> None:
+        """Raise ServerError with a clear message when the backend is unusable."""
+        ...

@@ -1,0 +1,74 @@
+import pytest
+
+from builder import errors, names
+from builder.manifest import DOCKER_MANIFEST, OCI_MANIFEST, choose_media_type
+
+
+def parse(name, always=("cacert", "iana-etc"), max_packages=64, max_length=1024):
+    return names.parse_image_name(name, always_include=always, max_packages=max_packages, max_length=max_length)
+
+
+def test_packages_are_sorted_deduplicated_with_always_included():
+    assert parse("hello/goodbye/hello").packages == ("cacert", "goodbye", "hello", "iana-etc")
+    assert parse("goodbye/hello") == parse("hello/goodbye").__class__(
+        name="goodbye/hello", packages=parse("hello/goodbye").packages, architecture="amd64")
+
+
+def test_shell_meta_package_and_arm64():
+    image = parse("shell/hello", always=())
+    assert image.packages == ("bashInteractive", "coreutils", "hello", "moreutils", "nano")
+    arm = parse("arm64/shell/hello", always=())
+    assert arm.architecture == "arm64" and arm.system == "aarch64-linux"
+    assert arm.packages == image.packages
+    assert parse("shell/arm64/hello", always=()).architecture == "arm64"
+    # Only at the front: later "shell" is an ordinary package name.
+    assert parse("hello/shell", always=()).packages == ("hello", "shell")
+    assert parse("shell", always=()).packages == names.SHELL_PACKAGES
+
+
+def test_dotted_attribute_paths_are_kept():
+    assert "demopackages.nested" in parse("demopackages.nested").packages
+
+
+@pytest.mark.parametrize("bad", ["Hello", "hello//x", "-x", "x-", "a b", "x/", "../etc", "x;rm", "a__-b", "${x}", '"x"'])
+def test_names_outside_the_grammar_are_rejected(bad):
+    with pytest.raises(errors.NameInvalid):
+        parse(bad)
+
+
+def test_bounds():
+    with pytest.raises(errors.NameInvalid, match="at most 3 packages"):
+        parse("a/b/c/d", always=(), max_packages=3)
+    with pytest.raises(errors.NameInvalid, match="longer than 10"):
+        parse("abcdefghijk", max_length=10)
+
+
+def test_tags_and_digests():
+    names.check_tag("latest")
+    names.check_tag("0" * 40)
+    for bad in ["", ".x", "x" * 129, "a/b", "a:b"]:
+        with pytest.raises(errors.TagInvalid):
+            names.check_tag(bad)
+    names.check_digest("sha256:" + "a" * 64)
+    for bad in ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32, "sha256:" + "g" * 64, "sha256"]:
+        with pytest.raises(errors.DigestInvalid):
+            names.check_digest(bad)
+
+
+def test_image_key_is_unambiguous():
+    a = names.ImageRequest("x", ("a,b",), "amd64")
+    b = names.ImageRequest("x", ("a", "b"), "amd64")
+    assert names.image_key(a, "s") != names.image_key(b, "s")
+    assert names.image_key(b, "s") != names.image_key(b, "t")
+    assert names.image_key(b, "s") != names.image_key(names.ImageRequest("x", ("a", "b"), "arm64"), "s")
+
+
+def test_media_type_from_accept_lines():
+    assert choose_media_type([]) == DOCKER_MANIFEST
+    assert choose_media_type(["*/*"]) == DOCKER_MANIFEST
+    assert choose_media_type([OCI_MANIFEST]) == OCI_MANIFEST
+    # Go clients send one line per type: all are read, the first listed wins.
+    assert choose_media_type(["application/vnd.oci.image.index.v1+json", OCI_MANIFEST, DOCKER_MANIFEST]) == OCI_MANIFEST
+    assert choose_media_type([f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"]) == DOCKER_MANIFEST
+    assert choose_media_type([f"{DOCKER_MANIFEST};q=0.5, {OCI_MANIFEST}"]) == OCI_MANIFEST
+    assert choose_media_type([f"{OCI_MANIFEST};q=0"]) == DOCKER_MANIFEST
