@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from . import archive, errors, layers, logs, manifest, names, nix, sources
+from . import archive, bootstrap, errors, layers, logs, manifest, names, nix, sources
 from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
@@ -40,9 +40,9 @@ class BuildError:
     message: str
 
 
-def nix_settings(config: Config) -> nix.NixSettings:
+def nix_settings(config: Config, bin_dir: str | None) -> nix.NixSettings:
     return nix.NixSettings(
-        bin_dir=config.nix_bin_dir,
+        bin_dir=bin_dir,
         timeout=config.nix_timeout,
         store=config.nix_store,
         substituters=config.nix_substituters,
@@ -76,7 +76,8 @@ class ImageBuilder:
         self.storage = storage
         self.cache = cache
         self.log = log
-        self.nix_settings = nix_settings(config)
+        self._nix_settings: nix.NixSettings | None = None
+        self._nix_settings_lock = threading.Lock()
         self.store_root = config.nix_store or "/"
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_seconds = int(config.env.get("BUILD_LEASE_SECONDS", "0") or 0) or config.nix_timeout + 120
@@ -127,18 +128,20 @@ class ImageBuilder:
     def _coordinated_build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
         """Build under the cache's lease, or wait for whoever holds it."""
         wait, give_up = 0.1, time.time() + self.lease_seconds * 2
+        # One holder name per attempt: a lease names a build, not a process.
+        holder = f"{self.holder}-{uuid.uuid4().hex[:8]}"
         while True:
             now = time.time()
-            lease = self._cache_call("lease", self.cache.claim_build, key, self.holder, now + self.lease_seconds, now)
+            lease = self._cache_call("lease", self.cache.claim_build, key, holder, now + self.lease_seconds, now)
             if lease is None:  # no coordination possible: build alone
-                return self._build_and_record(request, source, key, lease_held=False)
-            if lease.holder == self.holder:
+                return self._build_and_record(request, source, key, holder=None)
+            if lease.holder == holder:
                 # The previous holder may have finished between our cache read and this claim.
                 record = self.cached_image(key)
                 if record is not None:
-                    self._cache_call("lease release", self.cache.finish_build, key, self.holder, None, 0)
+                    self._cache_call("lease release", self.cache.finish_build, key, holder, None, 0)
                     return record
-                return self._build_and_record(request, source, key, lease_held=True)
+                return self._build_and_record(request, source, key, holder=holder)
             if lease.error is not None:
                 raise _remembered(lease.error)
             if now > give_up:
@@ -149,7 +152,8 @@ class ImageBuilder:
             if record is not None:
                 return record
 
-    def _build_and_record(self, request: names.ImageRequest, source: sources.PackageSource, key: str, lease_held: bool) -> ImageRecord:
+    def _build_and_record(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
+                          holder: str | None) -> ImageRecord:
         error_to_remember = None
         try:
             return self._build(request, source, key)
@@ -159,14 +163,18 @@ class ImageBuilder:
             self.recent_errors.append(BuildError(time.time(), request.name, e.message))
             raise
         finally:
-            if lease_held:
-                now = time.time()
-                self._cache_call(
-                    "lease release", self.cache.finish_build, key, self.holder, error_to_remember,
-                    now + self.config.failure_ttl,
-                )
+            if holder is not None:
+                self._cache_call("lease release", self.cache.finish_build, key, holder, error_to_remember,
+                                 time.time() + self.config.failure_ttl)
 
     # -- the build itself ----------------------------------------------------
+
+    def nix_settings(self) -> nix.NixSettings:
+        """Nix for this instance, bootstrapped at the first build that needs it (never for a cached image)."""
+        with self._nix_settings_lock:
+            if self._nix_settings is None:
+                self._nix_settings = nix_settings(self.config, bootstrap.ensure_nix(self.config, self.log))
+            return self._nix_settings
 
     def _build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
         started = time.monotonic()
@@ -175,7 +183,7 @@ class ImageBuilder:
         fields = {"image": request.name, "key": key, "source": source.identity}
         try:
             try:
-                closure = nix.realise(list(request.packages), source, request.system, self.nix_settings, work_dir)
+                closure = nix.realise(list(request.packages), source, request.system, self.nix_settings(), work_dir)
             except nix.NixError as e:
                 error = _registry_error(e)
                 self.log("nix-build", f"build of {request.name} failed", severity="WARNING", result="failed",

@@ -69,6 +69,8 @@ class Config:
     nix_trusted_public_keys: str = ""  # NIX_TRUSTED_PUBLIC_KEYS
     nix_max_jobs: str = "auto"  # NIX_MAX_JOBS: 0 = substitute only, never compile
     work_dir: str = "/tmp/nixery"  # WORK_DIR: GC roots and scratch files
+    nix_bootstrap_url: str | None = None  # NIX_BOOTSTRAP_URL: a pinned Nix artefact, fetched at the first build
+    nix_bootstrap_sha256: str | None = None  # NIX_BOOTSTRAP_SHA256: its checksum, verified before it runs
 
     # Storage
     storage_backend: str = "filesystem"  # NIXERY_STORAGE_BACKEND: filesystem | gcs
@@ -120,6 +122,8 @@ class Config:
             nix_trusted_public_keys=env.get("NIX_TRUSTED_PUBLIC_KEYS", ""),
             nix_max_jobs=env.get("NIX_MAX_JOBS", cls.nix_max_jobs).strip() or cls.nix_max_jobs,
             work_dir=env.get("WORK_DIR", cls.work_dir),
+            nix_bootstrap_url=env.get("NIX_BOOTSTRAP_URL") or None,
+            nix_bootstrap_sha256=env.get("NIX_BOOTSTRAP_SHA256") or None,
             storage_backend=storage_backend,
             storage_path=env.get("STORAGE_PATH", cls.storage_path),
             gcs_bucket=env.get("GCS_BUCKET") or None,
@@ -141,6 +145,8 @@ class Config:
             raise ServerError("configuration: LAYER_COMPRESSION must be gzip or none")
         if not 1 <= self.max_layers <= 120:
             raise ServerError("configuration: MAX_LAYERS must be between 1 and 120 (clients reject more than 125)")
+        if self.nix_bootstrap_url and not self.nix_bootstrap_sha256:
+            raise ServerError("configuration: NIX_BOOTSTRAP_URL needs NIX_BOOTSTRAP_SHA256")
         if self.storage_backend not in ("filesystem", "gcs"):
             raise ServerError("configuration: NIXERY_STORAGE_BACKEND must be filesystem or gcs")
         if self.storage_backend == "gcs" and not self.gcs_bucket:

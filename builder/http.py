@@ -14,6 +14,7 @@ import time
 import traceback
 
 import flask
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from . import errors, manifest, names
 from .build import ImageBuilder
@@ -130,10 +131,13 @@ class Registry:
                              **{"Docker-Content-Digest": digest, "Location": location.url})
             return response
         assert isinstance(location, LocalFile)
-        response = flask.send_file(location.path, mimetype="application/octet-stream", conditional=True,
-                                   etag=digest, max_age=31536000)
-        if response.status_code == 416:
-            raise errors.RangeInvalid(f"range {request.headers.get('Range', '')!r} is not satisfiable for a blob of {location.size} bytes")
+        try:
+            response = flask.send_file(location.path, mimetype="application/octet-stream", conditional=True,
+                                       etag=digest, max_age=31536000)
+        except RequestedRangeNotSatisfiable:
+            raise errors.RangeInvalid(
+                f"range {request.headers.get('Range', '')[:100]!r} is not satisfiable for a blob of {location.size} bytes"
+            ) from None
         response.headers.update(_API_HEADERS)
         response.headers["Docker-Content-Digest"] = digest
         return response

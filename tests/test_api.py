@@ -206,7 +206,7 @@ def test_unknown_tag(shared_registry):
     ("/v2/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
     ("/v2/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
     ("/v2/hello/nonsense", 404, "NAME_UNKNOWN"),
-    ("/v2/" + "/".join(["p"] * 100) + "/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/" + "/".join(f"p{i}" for i in range(100)) + "/manifests/latest", 400, "NAME_INVALID"),
 ])
 def test_malformed_requests_get_spec_errors_without_running_nix(registry, path, status, code):
     assert_error(registry.get(path), status, code)

@@ -19,14 +19,18 @@ sees the winner's live lease. Releasing a lease is conditioned the same way, so 
 holder whose lease was taken over cannot delete its successor's.
 
 The cache is an optimisation, so no call may hang: every RPC has a short deadline
-and a retry budget of the same length. All failures to reach Firestore, and
-documents this code cannot read, raise `FirestoreUnavailable`; callers treat it
-as a miss and build.
+and a retry budget of the same length. A build makes dozens of cache calls (one
+read and one write per layer), so after a call fails for want of Firestore the
+instance skips Firestore for a short cool-down and fails at once: a dead cache
+costs one deadline per cool-down, not one per call. All failures to reach
+Firestore, calls skipped in a cool-down, and documents this code cannot read
+raise `FirestoreUnavailable`; callers treat it as a miss and build.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
@@ -36,10 +40,14 @@ from google.api_core.retry import Retry, if_transient_error
 from ..errors import Unavailable
 from . import BuildLease, ImageRecord, LayerRecord, ManifestRef
 
-DEFAULT_TIMEOUT = 2.0  # seconds per RPC, retries included
+DEFAULT_TIMEOUT = 3.0  # seconds per RPC, retries included; a cold connection takes over 1 s
+DEFAULT_COOLDOWN = 5.0  # seconds without Firestore calls after one failed to reach it
 _CLAIM_ATTEMPTS = 8  # create / read / take over rounds before giving up on a churning lease
 
 T = TypeVar("T")
+
+# A conditional write refused because the lease changed (or vanished) since we read it.
+_LOST_RACE = (api_exceptions.FailedPrecondition, api_exceptions.NotFound)
 
 
 class FirestoreUnavailable(Unavailable):
@@ -73,9 +81,17 @@ class FirestoreCache:
     Thread-safe: the client's gRPC channel is shared by this instance's threads.
     """
 
-    def __init__(self, client: Any, prefix: str = "nixery-", timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        client: Any,
+        prefix: str = "nixery-",
+        timeout: float = DEFAULT_TIMEOUT,
+        cooldown: float = DEFAULT_COOLDOWN,
+    ):
         self._client = client
         self._timeout = timeout
+        self._cooldown = cooldown
+        self._skip_until = 0.0  # time.monotonic() before which calls fail without an RPC
         # Transient errors (UNAVAILABLE, INTERNAL, 429) are retried within the same budget
         # as the call itself; a stopped server therefore costs about `timeout`, not minutes.
         self._retry = Retry(
@@ -175,11 +191,13 @@ class FirestoreCache:
         ours = BuildLease(key, holder, expires_at, None)
         for _ in range(_CLAIM_ATTEMPTS):
             try:
-                self._call(lambda: ref.create(fields, timeout=self._timeout, retry=self._retry))
+                self._call(
+                    lambda: ref.create(fields, timeout=self._timeout, retry=self._retry),
+                    expected=(api_exceptions.AlreadyExists,),
+                )
                 return ours
-            except FirestoreUnavailable as exc:
-                if not isinstance(exc.__cause__, api_exceptions.AlreadyExists):
-                    raise
+            except api_exceptions.AlreadyExists:
+                pass
             snapshot = self._snapshot(ref)
             if not snapshot.exists:
                 continue  # released between our create and our read: create again
@@ -190,11 +208,13 @@ class FirestoreCache:
             # take it over unless someone else changed it since we read it.
             option = self._client.write_option(last_update_time=snapshot.update_time)
             try:
-                self._call(lambda: ref.update(fields, option=option, timeout=self._timeout, retry=self._retry))
+                self._call(
+                    lambda: ref.update(fields, option=option, timeout=self._timeout, retry=self._retry),
+                    expected=_LOST_RACE,
+                )
                 return ours
-            except FirestoreUnavailable as exc:
-                if not isinstance(exc.__cause__, (api_exceptions.FailedPrecondition, api_exceptions.NotFound)):
-                    raise
+            except _LOST_RACE:
+                pass
             # Another instance took it over (or released it) first: look again.
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
@@ -216,18 +236,23 @@ class FirestoreCache:
             option = self._client.write_option(last_update_time=snapshot.update_time)
             try:
                 if error is None:
-                    self._call(lambda: ref.delete(option=option, timeout=self._timeout, retry=self._retry))
+                    self._call(
+                        lambda: ref.delete(option=option, timeout=self._timeout, retry=self._retry),
+                        expected=_LOST_RACE,
+                    )
                 else:
                     update = {
                         "error": json.dumps(error, sort_keys=True),
                         "expires_at": _timestamp(remember_until),
                         "expires_at_unix": float(remember_until),
                     }
-                    self._call(lambda: ref.update(update, option=option, timeout=self._timeout, retry=self._retry))
+                    self._call(
+                        lambda: ref.update(update, option=option, timeout=self._timeout, retry=self._retry),
+                        expected=_LOST_RACE,
+                    )
                 return
-            except FirestoreUnavailable as exc:
-                if not isinstance(exc.__cause__, (api_exceptions.FailedPrecondition, api_exceptions.NotFound)):
-                    raise
+            except _LOST_RACE:
+                pass  # changed since we read it: read again
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
     @staticmethod
@@ -242,10 +267,16 @@ class FirestoreCache:
 
     # -- plumbing -----------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], expected: tuple[type[Exception], ...] = ()) -> T:
+        """One RPC; `expected` errors are answers (a lost race), re-raised as they are."""
+        if time.monotonic() < self._skip_until:
+            raise FirestoreUnavailable("build cache unavailable: Firestore failed moments ago, skipped")
         try:
             return fn()
+        except expected:
+            raise
         except api_exceptions.GoogleAPIError as exc:  # includes RetryError after the retry budget
+            self._skip_until = time.monotonic() + self._cooldown
             raise FirestoreUnavailable(f"build cache unavailable: {type(exc).__name__}: {exc}") from exc
 
     def _snapshot(self, ref: Any) -> Any:

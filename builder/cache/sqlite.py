@@ -68,7 +68,7 @@ class SqliteCache:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT holder, expires_at, error FROM builds WHERE key = ?", (key,)).fetchone()
-                if row is not None and row[1] > now and row[0] != holder:
+                if row is not None and row[1] > now and (row[0] != holder or row[2] is not None):
                     return BuildLease(key, row[0], row[1], json.loads(row[2]) if row[2] else None)
                 self._db.execute(
                     "INSERT OR REPLACE INTO builds (key, holder, expires_at, error) VALUES (?, ?, ?, NULL)",

@@ -27,12 +27,8 @@ let
   # Every builder is `busybox sh -e -c SCRIPT`; the preamble puts busybox's
   # applets on PATH so scripts read like ordinary shell.
   preamble = ''
-    mkdir() { ${busyboxDir}/busybox mkdir "$@"; }
-    mkdir -p "$TMPDIR/.bin"
-    for applet in $(${busyboxDir}/busybox --list); do
-      ${busyboxDir}/busybox ln -s ${busyboxDir}/busybox "$TMPDIR/.bin/$applet"
-    done
-    unset -f mkdir
+    ${busyboxDir}/busybox mkdir -p "$TMPDIR/.bin"
+    ${busyboxDir}/busybox --install -s "$TMPDIR/.bin"
     export PATH="$TMPDIR/.bin"
   '';
 
@@ -63,7 +59,7 @@ let
       mkdir -p "$dir"
       awk -v seed="$seed" 'BEGIN {
         srand(seed)
-        for (i = 0; i < 65536; i++)
+        for (i = 0; i < 131072; i++)
           printf "%04x%04x%04x%04x\n", int(rand() * 65536), int(rand() * 65536), int(rand() * 65536), int(rand() * 65536)
       }' | xxd -r -p > "$TMPDIR/block"
       i=0
@@ -81,7 +77,7 @@ let
     genBytes ${toString seed} ${toString mebibytes} "$out/share/${name}"
   '') { };
 
-  busybox = mkDerivation "busybox" ''
+  busybox = mkDerivation "busybox-1.35.0" ''
     mkdir -p "$out/bin"
     cp ${busyboxDir}/busybox "$out/bin/busybox"
     chmod 555 "$out/bin/busybox"

@@ -1,0 +1,264 @@
+"""Deterministic tar layers, written and hashed in one streaming pass.
+
+A layer's digest is its identity across builds and across registry instances,
+so the same input must give the same bytes: members in sorted order, mtime 1,
+owner root with empty names, the store's own modes and symlink targets, PAX
+headers only where a name or size needs them, gzip without a timestamp.
+
+Bytes flow file -> tar -> (sha256 of the tar = diff_id) -> gzip -> (sha256,
+md5, size of what is written) -> `out`, through bounded buffers: a layer is
+never held in memory, and `out` needs nothing but `write`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Sequence
+
+from isal import isal_zlib
+
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_CHUNK = 1 << 20  # file read size and output batch size
+_MTIME = 1  # not 0: some tools treat a zero mtime as "unset"
+_GZIP_LEVEL = 1  # isal's levels run 0-3; level 1 is several times faster than zlib's fastest
+
+
+@dataclass(frozen=True)
+class PackedBlob:
+    digest: str  # "sha256:<hex>" of the bytes written (compressed)
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    size: int  # bytes written
+    md5: str  # hex md5 of the bytes written
+    media_type_suffix: str  # "tar+gzip" or "tar"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A synthetic tar member, for the customisation layer."""
+
+    name: str  # path inside the image, no leading slash, e.g. "bin/hello"
+    kind: str  # "dir" | "symlink" | "file"
+    target: str = ""  # symlink target
+    mode: int = 0o755
+    data: bytes = b""
+
+
+class _Sink:
+    """Hashes and counts what reaches `out`, the bytes clients will download."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        self.sha256.update(data)
+        self.md5.update(data)
+        self.size += len(data)
+        self.out.write(data)
+
+
+class _TarStream:
+    """Takes the uncompressed tar, hashes it (diff_id), compresses it into the sink.
+
+    Small writes (headers, padding) are batched so the compressor and the
+    upload see large chunks; large writes go straight through.
+    """
+
+    def __init__(self, out: BinaryIO, compression: str):
+        if compression not in ("gzip", "none"):
+            raise ValueError(f"unknown compression {compression!r}")
+        self.sink = _Sink(out)
+        self.gzip = compression == "gzip"
+        self.compressor = isal_zlib.compressobj(_GZIP_LEVEL, isal_zlib.DEFLATED, 31) if self.gzip else None
+        self.diff = hashlib.sha256() if self.gzip else None  # uncompressed: diff_id is the digest
+        self.pending = bytearray()
+        self.offset = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.offset += len(data)
+        if len(data) >= _CHUNK // 4:
+            self._flush_pending()
+            self._process(data)
+        else:
+            self.pending += data
+            if len(self.pending) >= _CHUNK:
+                self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self.pending:
+            self._process(self.pending)
+            self.pending = bytearray()
+
+    def _process(self, data: bytes | bytearray | memoryview) -> None:
+        if self.compressor is None:
+            # `out` may keep what it is given (a queued upload): never hand it the reused read buffer.
+            self.sink.write(bytes(data) if isinstance(data, memoryview) else data)
+            return
+        self.diff.update(data)  # type: ignore[union-attr]
+        self.sink.write(self.compressor.compress(data))
+
+    def header(self, info: tarfile.TarInfo) -> None:
+        info.mtime = _MTIME
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def pad(self, size: int) -> None:
+        remainder = size % _BLOCK
+        if remainder:
+            self.write(bytes(_BLOCK - remainder))
+
+    def finish(self) -> PackedBlob:
+        # End of archive: two zero blocks, then zeros up to a whole record, as tar(1) writes it.
+        end = self.offset + 2 * _BLOCK
+        self.write(bytes(2 * _BLOCK + (-end) % _RECORD))
+        self._flush_pending()
+        if self.compressor is not None:
+            self.sink.write(self.compressor.flush())
+            diff_id = self.diff.hexdigest()  # type: ignore[union-attr]
+        else:
+            diff_id = self.sink.sha256.hexdigest()
+        return PackedBlob(
+            digest="sha256:" + self.sink.sha256.hexdigest(),
+            diff_id="sha256:" + diff_id,
+            size=self.sink.size,
+            md5=self.sink.md5.hexdigest(),
+            media_type_suffix="tar+gzip" if self.gzip else "tar",
+        )
+
+
+def _info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.linkname = target
+    return info
+
+
+def _disk_path(store_root: str, path: str) -> str:
+    return os.path.join(store_root, path.lstrip("/"))
+
+
+def _walk(disk: str, name: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(disk path, member name, lstat) of a tree, parents first, children sorted by name."""
+    st = os.lstat(disk)
+    yield disk, name, st
+    if stat.S_ISDIR(st.st_mode):
+        for child in sorted(os.listdir(disk)):
+            yield from _walk(os.path.join(disk, child), f"{name}/{child}")
+
+
+def _copy_file(stream: _TarStream, disk: str, size: int, buffer: memoryview) -> None:
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        left = size
+        while left:
+            n = os.readv(fd, [buffer[: min(left, len(buffer))]])
+            if n == 0:
+                raise OSError(f"{disk} shrank while being packed")
+            stream.write(buffer[:n])
+            left -= n
+    finally:
+        os.close(fd)
+    stream.pad(size)
+
+
+def pack_store_paths(paths: Sequence[str], out: BinaryIO, compression: str, store_root: str = "/") -> PackedBlob:
+    """Tar the given store paths (logical /nix/store names) as nix/store/... members."""
+    stream = _TarStream(out, compression)
+    stream.header(_info("nix", tarfile.DIRTYPE, 0o755))
+    stream.header(_info("nix/store", tarfile.DIRTYPE, 0o755))
+    buffer = memoryview(bytearray(_CHUNK))
+    for path in sorted(set(paths)):
+        if not path.startswith("/nix/store/") or "/" in path[len("/nix/store/"):]:
+            raise ValueError(f"not a store path: {path!r}")
+        for disk, name, st in _walk(_disk_path(store_root, path), path.lstrip("/")):
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISREG(st.st_mode):
+                stream.header(_info(name, tarfile.REGTYPE, mode, st.st_size))
+                _copy_file(stream, disk, st.st_size, buffer)
+            elif stat.S_ISDIR(st.st_mode):
+                stream.header(_info(name, tarfile.DIRTYPE, mode))
+            elif stat.S_ISLNK(st.st_mode):
+                stream.header(_info(name, tarfile.SYMTYPE, mode, target=os.readlink(disk)))
+            else:  # Nix stores hold nothing else
+                raise ValueError(f"unsupported file type in the store: {disk}")
+    return stream.finish()
+
+
+def pack_entries(entries: Sequence[Entry], out: BinaryIO, compression: str) -> PackedBlob:
+    """Tar synthetic entries, sorted by name; missing parent directories are added (0755)."""
+    by_name: dict[str, Entry] = {}
+    for entry in entries:
+        name = entry.name.strip("/")
+        if not name or name in by_name:
+            raise ValueError(f"empty or duplicate entry name: {entry.name!r}")
+        if entry.kind not in ("dir", "symlink", "file"):
+            raise ValueError(f"unknown entry kind: {entry.kind!r}")
+        by_name[name] = entry
+    for name in list(by_name):
+        parent = os.path.dirname(name)
+        while parent and parent not in by_name:
+            by_name[parent] = Entry(parent, "dir")
+            parent = os.path.dirname(parent)
+    stream = _TarStream(out, compression)
+    for name in sorted(by_name):
+        entry = by_name[name]
+        if entry.kind == "dir":
+            stream.header(_info(name, tarfile.DIRTYPE, entry.mode))
+        elif entry.kind == "symlink":
+            stream.header(_info(name, tarfile.SYMTYPE, entry.mode, target=entry.target))
+        else:
+            stream.header(_info(name, tarfile.REGTYPE, entry.mode, len(entry.data)))
+            stream.write(entry.data)
+            stream.pad(len(entry.data))
+    return stream.finish()
+
+
+def customisation_entries(package_paths: Sequence[str], store_root: str = "/") -> list[Entry]:
+    """The top layer: each package's tree linked into "/", plus /tmp and /usr/bin/env.
+
+    Directories are real, so packages merge (bin/ holds every package's
+    programs); files and symlinks become absolute symlinks into the store. On
+    a conflict the first package in the given order wins.
+    """
+    entries: dict[str, Entry] = {"tmp": Entry("tmp", "dir", mode=0o1777)}
+    env_target = ""
+    for package in package_paths:
+        disk_root = _disk_path(store_root, package)
+        if not os.path.isdir(disk_root) or os.path.islink(disk_root):
+            continue  # a single-file package has nothing to link in
+        if not env_target and os.path.lexists(os.path.join(disk_root, "bin", "env")):
+            env_target = f"{package}/bin/env"
+        _link_tree(entries, disk_root, package, "")
+    if env_target:
+        usr, usr_bin = entries.get("usr"), entries.get("usr/bin")
+        if (usr is None or usr.kind == "dir") and (usr_bin is None or usr_bin.kind == "dir"):
+            entries.setdefault("usr", Entry("usr", "dir"))
+            entries.setdefault("usr/bin", Entry("usr/bin", "dir"))
+            entries["usr/bin/env"] = Entry("usr/bin/env", "symlink", target=env_target, mode=0o777)
+    return [entries[name] for name in sorted(entries)]
+
+
+def _link_tree(entries: dict[str, Entry], disk_dir: str, package: str, prefix: str) -> None:
+    for child in sorted(os.listdir(disk_dir)):
+        name = prefix + child
+        disk = os.path.join(disk_dir, child)
+        existing = entries.get(name)
+        if os.path.isdir(disk) and not os.path.islink(disk):
+            if existing is None:
+                entries[name] = Entry(name, "dir")
+            elif existing.kind != "dir":
+                continue  # an earlier package put a link here; it wins
+            _link_tree(entries, disk, package, name + "/")
+        elif existing is None:
+            entries[name] = Entry(name, "symlink", target=f"{package}/{name}", mode=0o777)

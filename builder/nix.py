@@ -1,0 +1,477 @@
+"""Running Nix: turn package names into a realised runtime closure.
+
+Three steps, each one Nix command:
+
+1. `nix-instantiate --eval --strict --json nix/image.nix`: resolve the names
+   against the package set and write their derivations. Unknown and broken
+   names come back as data, so one evaluation answers for all of them.
+2. `nix-store --realise DRV!OUTPUT ... --add-root DIR/r --indirect`: build or
+   substitute the outputs, registering GC roots so nothing the image needs can
+   be collected while layers are packed.
+3. `nix path-info --recursive --json`: the runtime closure with sizes and
+   references, which is all layer grouping needs.
+
+Nix never reads settings from the host here: every option that changes
+behaviour is passed on the command line, so the registry behaves the same
+whatever /etc/nix/nix.conf says (or whether it exists).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .sources import PackageSource
+
+IMAGE_NIX = Path(__file__).resolve().parent.parent / "nix" / "image.nix"
+
+# Bounds for messages shown to clients: enough to see why, not a whole log.
+MESSAGE_MAX_LINES = 15
+MESSAGE_MAX_CHARS = 1500
+
+# How long Nix gets to stop its builders after SIGTERM before SIGKILL.
+TERMINATE_GRACE = 10.0
+
+# Extra seconds the Python deadline grants Nix's own build timeout.
+REALISE_SLACK = 5.0
+
+# Failed names evaluated one by one for their messages, at most.
+MAX_FAILED_PROBES = 5
+
+
+@dataclass(frozen=True)
+class NixSettings:
+    bin_dir: str | None = None  # where nix-build etc. live; None = PATH
+    timeout: int = 600  # seconds for one image's Nix work (NIX_TIMEOUT)
+    store: str | None = None  # a chroot store root (`--store DIR`), None = /nix/store
+    substituters: str = ""  # offline default: none
+    trusted_public_keys: str = ""
+    max_jobs: int | str = "auto"  # 0 = substitute only, never compile
+    extra_options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any) -> "NixSettings":
+        """Settings from a `builder.config.Config`."""
+        return cls(
+            bin_dir=config.nix_bin_dir,
+            timeout=config.nix_timeout,
+            store=config.nix_store,
+            substituters=config.nix_substituters,
+            trusted_public_keys=config.nix_trusted_public_keys,
+            max_jobs=config.nix_max_jobs,
+        )
+
+
+@dataclass(frozen=True)
+class StorePath:
+    path: str  # logical /nix/store/... name
+    nar_size: int
+    references: tuple[str, ...]  # sorted, without the path itself
+
+
+@dataclass
+class Closure:
+    roots: dict[str, str]  # requested name -> realised output store path
+    paths: dict[str, StorePath]  # every path of the runtime closure
+    gc_root_dir: str  # keeps the paths alive; caller deletes it when done
+    attrs: dict[str, str] = field(default_factory=dict)  # requested name -> attribute path it resolved to
+
+
+class NixError(Exception):
+    """Base of Nix failures; `message` is fit to show to a client."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+class UnknownPackages(NixError):
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        super().__init__("unknown package" + ("s" if len(self.names) > 1 else "") + ": " + ", ".join(self.names))
+
+
+class PackageFailed(NixError):
+    """A package that fails to evaluate or to build: the package's fault, not ours."""
+
+    def __init__(self, names: Sequence[str], message: str):
+        self.names = list(names)
+        self.name = self.names[0] if self.names else ""
+        super().__init__(message)
+
+
+class NixTimeout(NixError):
+    pass
+
+
+class NixUnavailable(NixError):
+    """Nix is missing or broken, or the package set cannot be loaded: a server fault."""
+
+
+# ---------------------------------------------------------------------------
+# Command lines
+
+
+def _binary(settings: NixSettings, name: str) -> str:
+    return os.path.join(settings.bin_dir, name) if settings.bin_dir else name
+
+
+def _options(settings: NixSettings, timeout: int | None = None) -> list[str]:
+    options: list[tuple[str, str]] = [
+        ("substituters", settings.substituters),
+        ("trusted-public-keys", settings.trusted_public_keys),
+        # No sandbox and no build users: a Cloud Function runs as one user
+        # without namespaces; the nixbld group usually does not exist.
+        ("sandbox", "false"),
+        ("build-users-group", ""),
+        # Concurrent builds of the same path wait on a store lock; Nix re-checks
+        # it every 5 s by default.
+        ("build-poll-interval", "1"),
+        ("max-jobs", str(settings.max_jobs)),
+        ("fallback", "true"),
+        ("keep-build-log", "false"),
+        ("log-lines", "10"),
+        ("experimental-features", "nix-command"),
+    ]
+    if settings.store:
+        options.append(("store", settings.store))
+    if timeout is not None:
+        options += [("timeout", str(timeout)), ("max-silent-time", str(timeout))]
+    options += list(settings.extra_options)
+    args: list[str] = []
+    for name, value in options:
+        args += ["--option", name, value]
+    return args
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # Settings come only from the command line.
+    env.pop("NIX_CONFIG", None)
+    env["NO_COLOR"] = "1"
+    env.setdefault("NIX_PATH", "")
+    # fetchGit/fetchTarball cache under ~/.cache; a Cloud Function's home is
+    # read-only, so fall back to the temporary directory.
+    home = env.get("HOME", "")
+    if "XDG_CACHE_HOME" not in env and not (home and os.access(home, os.W_OK)):
+        env["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(), "nix-cache")
+    return env
+
+
+@dataclass
+class _Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class _Deadline:
+    def __init__(self, seconds: int):
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def whole_seconds(self) -> int:
+        return max(1, int(self.remaining()))
+
+
+def _run(args: list[str], deadline: _Deadline, what: str, slack: float = 0.0) -> _Result:
+    """Run one Nix command within the deadline.
+
+    Nix runs in its own process group. On expiry the group gets SIGTERM, never
+    SIGKILL first: Nix then kills its builders (which sit in sessions of their
+    own); a killed Nix would leave them running.
+    """
+    remaining = deadline.remaining()
+    if remaining <= 0:
+        raise NixTimeout(f"Nix timed out before {what}")
+    try:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_environment(),
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise NixUnavailable(f"cannot run {args[0]}: {e.strerror or e}") from None
+    try:
+        stdout, stderr = process.communicate(timeout=remaining + slack)
+    except subprocess.TimeoutExpired:
+        _terminate(process)
+        raise NixTimeout(f"Nix timed out during {what}") from None
+    except BaseException:
+        _terminate(process)
+        raise
+    return _Result(process.returncode, stdout.decode("utf-8", "replace"), _clean(stderr.decode("utf-8", "replace")))
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.communicate(timeout=TERMINATE_GRACE)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate()
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+_SOURCE_LINE = re.compile(r"^\s*(\d+)?\s*\|")
+_NOISE = re.compile(
+    r"^(For full logs, run|\(use '--show-trace'|warning: |these \d+ derivations will be built|"
+    r"this derivation will be built|building '|/nix/store/\S+\.drv$)"
+)
+
+
+def _clean(text: str) -> str:
+    # Nix 2.8 can leak NUL bytes into stderr when a builder fails to start.
+    return _ANSI.sub("", text.replace("\x00", ""))
+
+
+def error_message(stderr: str, fallback: str = "Nix failed") -> str:
+    """The first useful lines of a Nix error, bounded, for a client to read."""
+    lines = [line.rstrip() for line in _clean(stderr).splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
+    if start is None:
+        kept = [line.strip() for line in lines if line.strip() and not _NOISE.match(line.strip())]
+        kept = kept[-MESSAGE_MAX_LINES:]
+    else:
+        kept = []
+        for line in lines[start:]:
+            stripped = line.strip()
+            if not stripped or _NOISE.match(stripped) or _SOURCE_LINE.match(line):
+                continue
+            if stripped.startswith("at ") and stripped.endswith(":"):
+                continue  # source positions name files of the server
+            kept.append(stripped)
+    text = "\n".join(kept[:MESSAGE_MAX_LINES]).strip()
+    if len(text) > MESSAGE_MAX_CHARS:
+        text = text[: MESSAGE_MAX_CHARS - 3].rstrip() + "..."
+    return text or fallback
+
+
+# Failures of the machine rather than of a package.
+_SERVER_FAULT = re.compile(
+    r"No space left on device|Permission denied|Read-only file system|cannot connect to|"
+    r"getting status of '/nix|opening lock file|unable to download|Could not resolve host|"
+    r"SQLite database .* is busy|cannot open connection|database disk image is malformed",
+    re.IGNORECASE,
+)
+
+
+# ---------------------------------------------------------------------------
+# The three steps
+
+
+def _evaluate(
+    names: list[str], source: "PackageSource", system: str, settings: NixSettings, deadline: _Deadline, strict: bool
+) -> _Result:
+    args = [
+        _binary(settings, "nix-instantiate"),
+        "--eval",
+        "--strict",
+        "--json",
+        "--read-write-mode",
+        *_options(settings),
+        str(IMAGE_NIX),
+        "--argstr",
+        "packagesJson",
+        json.dumps(names),
+        "--argstr",
+        "sourceJson",
+        json.dumps(source.to_nix()),
+        "--argstr",
+        "system",
+        system,
+    ]
+    if strict:
+        args += ["--arg", "strict", "true"]
+    return _run(args, deadline, "evaluation")
+
+
+def _parse_evaluation(result: _Result) -> dict[str, Any]:
+    try:
+        answer = json.loads(result.stdout)
+        answer["packages"], answer["unknown"], answer["failed"]
+        return answer
+    except (ValueError, KeyError, TypeError):
+        raise NixUnavailable("Nix gave an unreadable answer: " + error_message(result.stderr, result.stdout[:200]))
+
+
+def resolve(
+    packages: list[str], source: "PackageSource", system: str, settings: NixSettings, deadline: _Deadline
+) -> dict[str, dict[str, str]]:
+    """Name -> {attr, drvPath, path, outputName}; raises for unknown or broken names."""
+    result = _evaluate(packages, source, system, settings, deadline, strict=False)
+    if result.returncode != 0:
+        # An error tryEval cannot catch (abort, type errors) or a package set
+        # that does not load at all. Load the set alone to tell them apart,
+        # then evaluate the names one by one.
+        probe = _evaluate([], source, system, settings, deadline, strict=True)
+        if probe.returncode != 0:
+            raise NixUnavailable("cannot load the package set: " + error_message(probe.stderr))
+        if _SERVER_FAULT.search(result.stderr):
+            raise NixUnavailable(error_message(result.stderr))
+        answer: dict[str, Any] = {"packages": {}, "unknown": [], "failed": []}
+        messages: list[str] = []
+        for name in packages:
+            single = _evaluate([name], source, system, settings, deadline, strict=True)
+            if single.returncode == 0:
+                part = _parse_evaluation(single)
+                answer["packages"].update(part["packages"])
+                answer["unknown"] += part["unknown"]
+            else:
+                answer["failed"].append(name)
+                messages.append(f"{name}: " + error_message(single.stderr).removeprefix("error: "))
+    else:
+        answer = _parse_evaluation(result)
+        messages = []
+        # Unknown names are reported first; only then are messages worth the time.
+        for name in [] if answer["unknown"] else answer["failed"][:MAX_FAILED_PROBES]:
+            single = _evaluate([name], source, system, settings, deadline, strict=True)
+            messages.append(f"{name}: " + error_message(single.stderr, "evaluation failed").removeprefix("error: "))
+    if answer["unknown"]:
+        raise UnknownPackages(answer["unknown"])
+    if answer["failed"]:
+        text = "\n".join(messages)
+        if len(answer["failed"]) > len(messages):
+            text += "\n(and " + ", ".join(answer["failed"][len(messages):]) + ")"
+        raise PackageFailed(answer["failed"], _bound(text))
+    return answer["packages"]
+
+
+def _bound(text: str) -> str:
+    return text if len(text) <= MESSAGE_MAX_CHARS else text[: MESSAGE_MAX_CHARS - 3].rstrip() + "..."
+
+
+def _realise(
+    resolved: dict[str, dict[str, str]], settings: NixSettings, gc_root_dir: str, deadline: _Deadline
+) -> None:
+    installables = sorted({f"{p['drvPath']}!{p['outputName']}" for p in resolved.values()})
+    if not installables:
+        return
+    budget = deadline.whole_seconds()
+    args = [
+        _binary(settings, "nix-store"),
+        "--realise",
+        "--quiet",  # build logs go into the error message ("last N log lines")
+        "--no-build-output",
+        *_options(settings, timeout=budget),
+        "--add-root",
+        os.path.join(gc_root_dir, "r"),
+        "--indirect",
+        *installables,
+    ]
+    # Nix's own timeout (--timeout) should fire first: it names the build.
+    result = _run(args, deadline, "the build", slack=REALISE_SLACK)
+    if result.returncode == 0:
+        return
+    message = error_message(result.stderr, "the build failed")
+    failed_drvs = set(re.findall(r"builder for '(/nix/store/[^']+\.drv)' failed", result.stderr))
+    failed_drvs |= set(re.findall(r"dependencies of derivation '(/nix/store/[^']+\.drv)' failed", result.stderr))
+    failed_names = [n for n, p in resolved.items() if p["drvPath"] in failed_drvs]
+    # Nix sets bits over 0x60: 0x04 build failure, 0x01 timeout, 0x02 hash mismatch.
+    nix_status = result.returncode & ~0x0F == 0x60
+    if nix_status and result.returncode & 0x01:
+        raise NixTimeout(message)
+    if failed_drvs or (nix_status and result.returncode & 0x06):
+        raise PackageFailed(failed_names or sorted(resolved), message)
+    if _SERVER_FAULT.search(result.stderr):
+        raise NixUnavailable(message)
+    raise NixError(message)
+
+
+def _path_info(paths: list[str], settings: NixSettings, deadline: _Deadline) -> dict[str, StorePath]:
+    if not paths:
+        return {}
+    args = [
+        _binary(settings, "nix"),
+        "path-info",
+        "--recursive",
+        "--json",
+        *_options(settings),
+        *paths,
+    ]
+    result = _run(args, deadline, "reading the closure")
+    if result.returncode != 0:
+        raise NixError("cannot read the closure: " + error_message(result.stderr))
+    try:
+        return parse_path_info(result.stdout)
+    except (ValueError, KeyError, TypeError) as e:
+        raise NixError(f"unreadable nix path-info output: {e}") from None
+
+
+def parse_path_info(text: str) -> dict[str, StorePath]:
+    """Nix 2.8 prints a list of objects with `path`; Nix >= 2.19 an object keyed by path."""
+    data = json.loads(text)
+    items = data.items() if isinstance(data, dict) else ((entry["path"], entry) for entry in data)
+    paths: dict[str, StorePath] = {}
+    for path, info in items:
+        if info is None:  # newer Nix: a path that is not valid
+            raise KeyError(f"{path} is not in the store")
+        references = tuple(sorted(r for r in info.get("references", ()) if r != path))
+        paths[path] = StorePath(path=path, nar_size=int(info["narSize"]), references=references)
+    return paths
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def realise(
+    packages: list[str], source: "PackageSource", system: str, settings: NixSettings, work_dir: str
+) -> Closure:
+    """Resolve, build and describe the runtime closure of `packages`.
+
+    The returned closure's paths stay alive until `gc_root_dir` is deleted.
+    Raises UnknownPackages, PackageFailed, NixTimeout, NixUnavailable or NixError.
+    """
+    deadline = _Deadline(settings.timeout)
+    resolved = resolve(list(packages), source, system, settings, deadline)
+    os.makedirs(work_dir, exist_ok=True)
+    gc_root_dir = tempfile.mkdtemp(prefix="roots-", dir=work_dir)
+    try:
+        _realise(resolved, settings, gc_root_dir, deadline)
+        roots = {name: p["path"] for name, p in resolved.items()}
+        paths = _path_info(sorted(set(roots.values())), settings, deadline)
+    except BaseException:
+        _remove_roots(gc_root_dir)
+        raise
+    return Closure(
+        roots=roots,
+        paths=paths,
+        gc_root_dir=gc_root_dir,
+        attrs={name: p["attr"] for name, p in resolved.items()},
+    )
+
+
+def _remove_roots(gc_root_dir: str) -> None:
+    for entry in os.scandir(gc_root_dir):
+        os.unlink(entry.path)
+    os.rmdir(gc_root_dir)
+
+
+def store_path_on_disk(path: str, settings: NixSettings) -> str:
+    """Where the files of logical store path `path` are: under the chroot store, if any."""
+    if settings.store:
+        return os.path.join(settings.store, path.lstrip("/"))
+    return path

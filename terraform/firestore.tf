@@ -1,0 +1,40 @@
+resource "google_firestore_database" "cache" {
+  count = var.create_firestore_database ? 1 : 0
+
+  project         = var.project
+  name            = var.firestore_database
+  location_id     = var.firestore_location != "" ? var.firestore_location : var.region
+  type            = "FIRESTORE_NATIVE"
+  deletion_policy = var.firestore_deletion_policy
+
+  depends_on = [google_project_service.apis]
+}
+
+locals {
+  firestore_database = var.create_firestore_database ? google_firestore_database.cache[0].name : var.firestore_database
+}
+
+# The cache collections whose documents expire (builder/cache): built images and build
+# leases. Firestore deletes a document some time (typically within a day) after its
+# expires_at passes; readers already treat expired records as absent, so this only keeps
+# the collections from growing. Layer records never expire: their blobs stay in the bucket.
+resource "google_firestore_field" "manifests_expiry" {
+  project    = var.project
+  database   = local.firestore_database
+  collection = "${var.firestore_collection_prefix}manifests"
+  field      = "expires_at"
+
+  ttl_config {}
+}
+
+# After the first, so the two field operations on one database do not overlap.
+resource "google_firestore_field" "builds_expiry" {
+  project    = var.project
+  database   = local.firestore_database
+  collection = "${var.firestore_collection_prefix}builds"
+  field      = "expires_at"
+
+  ttl_config {}
+
+  depends_on = [google_firestore_field.manifests_expiry]
+}

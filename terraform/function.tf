@@ -1,0 +1,142 @@
+locals {
+  # The configuration builder/config.py reads; tests/test_terraform.py checks that each
+  # name here is one the code reads.
+  base_environment = {
+    NIXERY_STORAGE_BACKEND = "gcs"
+    GCS_BUCKET             = google_storage_bucket.layers.name
+    GCS_SIGNING_ACCOUNT    = google_service_account.runtime.email
+    GCS_SIGNED_URL_TTL     = tostring(var.signed_url_ttl)
+
+    NIXERY_CACHE_BACKEND        = "firestore"
+    FIRESTORE_PROJECT           = var.project
+    FIRESTORE_DATABASE          = local.firestore_database
+    FIRESTORE_COLLECTION_PREFIX = var.firestore_collection_prefix
+
+    MAX_LAYERS   = tostring(var.max_layers)
+    MAX_PACKAGES = tostring(var.max_packages)
+    MANIFEST_TTL = tostring(var.manifest_ttl)
+
+    # The runtime has no Nix: it is fetched at a cold start, checked against the pinned
+    # hash, and keeps its store in /tmp (the only writable place, held in memory).
+    NIX_BOOTSTRAP_URL       = var.nix_bootstrap_url
+    NIX_BOOTSTRAP_SHA256    = var.nix_bootstrap_sha256
+    NIX_SUBSTITUTERS        = var.nix_substituters
+    NIX_TRUSTED_PUBLIC_KEYS = var.nix_trusted_public_keys
+    NIX_MAX_JOBS            = var.nix_max_jobs
+    NIX_TIMEOUT             = tostring(var.nix_timeout)
+    NIX_STORE_ROOT          = "/tmp/nix"
+    WORK_DIR                = "/tmp/nixery"
+  }
+
+  # Exactly one is set (checked below); the other stays unset rather than empty.
+  package_source_environment = {
+    NIXERY_CHANNEL   = var.nixpkgs_channel
+    NIXERY_PKGS_REPO = var.nixpkgs_repo
+  }
+
+  function_environment = merge(
+    local.base_environment,
+    { for name, value in local.package_source_environment : name => value if value != "" },
+    var.extra_environment,
+  )
+}
+
+# Where the function's build images go, pruned so that redeploys do not pile up storage.
+# Unlike the repository Cloud Functions would create on its own, terraform destroy
+# removes it.
+resource "google_artifact_registry_repository" "builds" {
+  #checkov:skip=CKV_GCP_84:Holds only the function's own image, rebuilt from public source on every deploy; Google-managed encryption is enough.
+  location      = var.region
+  repository_id = "${var.name}-builds"
+  description   = "Images of the ${var.name} function's builds."
+  format        = "DOCKER"
+
+  cleanup_policy_dry_run = false
+  cleanup_policies {
+    id     = "keep-recent"
+    action = "KEEP"
+    most_recent_versions {
+      keep_count = var.build_images_to_keep
+    }
+  }
+  cleanup_policies {
+    id     = "delete-older"
+    action = "DELETE"
+    condition {
+      tag_state  = "ANY"
+      older_than = "86400s"
+    }
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_cloudfunctions2_function" "registry" {
+  #checkov:skip=CKV_GCP_124:A registry for docker and podman anywhere: ingress from the internet is the point (see var.public for who may call it).
+  name        = var.name
+  location    = var.region
+  description = "Nix image registry: container images with exactly the nixpkgs packages named."
+
+  build_config {
+    runtime           = var.python_runtime
+    entry_point       = "registry"
+    service_account   = google_service_account.build.id
+    docker_repository = google_artifact_registry_repository.builds.id
+
+    source {
+      storage_source {
+        bucket = google_storage_bucket.source.name
+        object = google_storage_bucket_object.source.name
+      }
+    }
+  }
+
+  service_config {
+    available_memory                 = var.memory
+    available_cpu                    = var.cpu
+    timeout_seconds                  = var.timeout_seconds
+    max_instance_request_concurrency = var.concurrency
+    # Nothing runs, and nothing is billed for compute, while nobody pulls.
+    min_instance_count             = 0
+    max_instance_count             = var.max_instances
+    service_account_email          = google_service_account.runtime.email
+    ingress_settings               = "ALLOW_ALL"
+    all_traffic_on_latest_revision = true
+    environment_variables          = local.function_environment
+  }
+
+  lifecycle {
+    precondition {
+      condition     = (var.nixpkgs_channel != "") != (var.nixpkgs_repo != "")
+      error_message = "Set exactly one of nixpkgs_channel and nixpkgs_repo."
+    }
+    precondition {
+      condition     = var.nix_timeout < var.timeout_seconds
+      error_message = "nix_timeout must be below timeout_seconds, or clients see the request cut before the build ends."
+    }
+  }
+
+  # The build and the first start need their permissions in place, not just requested.
+  depends_on = [
+    google_project_iam_member.build_logs,
+    google_project_iam_member.build_reads_source,
+    google_artifact_registry_repository_iam_member.build_pushes_image,
+    google_project_iam_member.runtime_cache,
+    google_storage_bucket_iam_member.runtime_layers,
+    google_service_account_iam_member.runtime_signs_as_itself,
+    google_firestore_field.builds_expiry,
+  ]
+}
+
+# Anyone may pull, as from Nixery. Cloud Run checks invocations itself, so the permission
+# goes on the service behind the function.
+resource "google_cloud_run_v2_service_iam_member" "public" {
+  #checkov:skip=CKV_GCP_102:A public registry is the product: anonymous pulls are intended and can be switched off with public = false.
+  count = var.public ? 1 : 0
+
+  project  = var.project
+  location = google_cloudfunctions2_function.registry.location
+  name     = google_cloudfunctions2_function.registry.name
+  role     = "roles/run.invoker"
+  member   = "allUsers"
+}

@@ -1,0 +1,232 @@
+# --- Where ---------------------------------------------------------------------------
+
+variable "project" {
+  description = "Google Cloud project ID to deploy into."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the function, the layer bucket and the function's build images (e.g. us-central1, europe-west1)."
+  type        = string
+}
+
+variable "name" {
+  description = "Name of the function (and of the Cloud Run service behind it); prefixes the service accounts and the image repository."
+  type        = string
+  default     = "nixery"
+
+  validation {
+    # Service account IDs are at most 30 characters and get a 6-character suffix here.
+    condition     = can(regex("^[a-z][a-z0-9-]{2,22}[a-z0-9]$", var.name))
+    error_message = "name: 4 to 24 lower-case letters, digits or dashes, starting with a letter."
+  }
+}
+
+# --- Package source ------------------------------------------------------------------
+# Exactly one of the two; Nixery's variables with Nixery's meaning.
+
+variable "nixpkgs_channel" {
+  description = "NIXERY_CHANNEL: a nixpkgs channel or branch name (nixos-unstable, nixos-25.05) or a full commit hash to pin nixpkgs. Set to \"\" when nixpkgs_repo is used."
+  type        = string
+  default     = "nixos-unstable"
+}
+
+variable "nixpkgs_repo" {
+  description = "NIXERY_PKGS_REPO: a git repository URL holding a package set (a nixpkgs fork, or your own). Leave \"\" to use nixpkgs_channel."
+  type        = string
+  default     = ""
+}
+
+# --- Images --------------------------------------------------------------------------
+
+variable "max_layers" {
+  description = "MAX_LAYERS: store-path layers per image (clients reject more than 125 in all)."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.max_layers >= 1 && var.max_layers <= 120
+    error_message = "max_layers must be between 1 and 120."
+  }
+}
+
+variable "max_packages" {
+  description = "MAX_PACKAGES: packages one image name may ask for."
+  type        = number
+  default     = 64
+}
+
+variable "manifest_ttl" {
+  description = "MANIFEST_TTL: seconds an image built from a moving source (a channel, a branch) is served before it is rebuilt."
+  type        = number
+  default     = 21600
+}
+
+variable "signed_url_ttl" {
+  description = "GCS_SIGNED_URL_TTL: seconds a layer download URL stays valid (at most 900)."
+  type        = number
+  default     = 600
+
+  validation {
+    condition     = var.signed_url_ttl >= 60 && var.signed_url_ttl <= 900
+    error_message = "signed_url_ttl must be between 60 and 900 seconds."
+  }
+}
+
+# --- Nix -----------------------------------------------------------------------------
+
+variable "nix_bootstrap_url" {
+  description = "NIX_BOOTSTRAP_URL: the Nix release the function fetches at a cold start (the runtime has no Nix). Pinned; change together with nix_bootstrap_sha256."
+  type        = string
+  default     = "https://releases.nixos.org/nix/nix-2.34.8/nix-2.34.8-x86_64-linux.tar.xz"
+}
+
+variable "nix_bootstrap_sha256" {
+  description = "NIX_BOOTSTRAP_SHA256: hex SHA-256 of the file at nix_bootstrap_url (releases.nixos.org publishes it next to the file, as .sha256)."
+  type        = string
+  default     = "2c2e146b80834fe0ca201b51deeb939405b4f18e8d2071bf80b10f8123c50464"
+
+  validation {
+    condition     = can(regex("^[0-9a-f]{64}$", var.nix_bootstrap_sha256))
+    error_message = "nix_bootstrap_sha256 must be 64 lower-case hex digits."
+  }
+}
+
+variable "nix_substituters" {
+  description = "NIX_SUBSTITUTERS: binary caches the function substitutes from (space-separated)."
+  type        = string
+  default     = "https://cache.nixos.org"
+}
+
+variable "nix_trusted_public_keys" {
+  description = "NIX_TRUSTED_PUBLIC_KEYS: keys the substituters' signatures are checked against (space-separated)."
+  type        = string
+  default     = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+}
+
+variable "nix_max_jobs" {
+  description = "NIX_MAX_JOBS: local build jobs; \"0\" substitutes only and never compiles (an image whose packages are not in the binary cache fails fast instead of compiling for many minutes)."
+  type        = string
+  default     = "0"
+}
+
+variable "nix_timeout" {
+  description = "NIX_TIMEOUT: seconds for one image's Nix work; must stay below timeout_seconds."
+  type        = number
+  default     = 600
+}
+
+# --- Function sizing -----------------------------------------------------------------
+
+variable "python_runtime" {
+  description = "Cloud Functions Python runtime."
+  type        = string
+  default     = "python312"
+
+  validation {
+    condition     = contains(["python311", "python312"], var.python_runtime)
+    error_message = "python_runtime must be python311 or python312."
+  }
+}
+
+variable "memory" {
+  description = "Memory of one instance. /tmp (the Nix store and scratch files) lives in memory too, so large closures need more."
+  type        = string
+  default     = "4Gi"
+}
+
+variable "cpu" {
+  description = "vCPUs of one instance (more than one request per instance needs at least 1)."
+  type        = string
+  default     = "2"
+}
+
+variable "timeout_seconds" {
+  description = "Request timeout in seconds: a cold image build happens inside the client's manifest request."
+  type        = number
+  default     = 900
+
+  validation {
+    condition     = var.timeout_seconds >= 60 && var.timeout_seconds <= 3600
+    error_message = "timeout_seconds must be between 60 and 3600."
+  }
+}
+
+variable "concurrency" {
+  description = "Requests one instance serves at once (max_instance_request_concurrency). Blob requests are redirects and cheap; builds share the instance's Nix store."
+  type        = number
+  default     = 16
+}
+
+variable "max_instances" {
+  description = "Upper bound on instances, and so on the bill under load. Instances scale to zero when idle."
+  type        = number
+  default     = 5
+}
+
+variable "public" {
+  description = "Let anyone pull (allUsers may invoke the service), as Nixery is. false: only principals granted roles/run.invoker can, with an identity token."
+  type        = bool
+  default     = true
+}
+
+# --- Storage and cache ---------------------------------------------------------------
+
+variable "layer_bucket_name" {
+  description = "Name of the private layer bucket; \"\" means <project>-<name>-layers."
+  type        = string
+  default     = ""
+}
+
+variable "force_destroy_layers" {
+  description = "Let terraform destroy delete the layer bucket with its objects. Every object in it is derived data that the registry rebuilds on demand."
+  type        = bool
+  default     = true
+}
+
+variable "create_firestore_database" {
+  description = "Create the Firestore database (native mode). false: use an existing native-mode database named firestore_database."
+  type        = bool
+  default     = true
+}
+
+variable "firestore_database" {
+  description = "FIRESTORE_DATABASE: the Firestore database ID. A project has at most one \"(default)\"; if yours already has one (native mode), set create_firestore_database = false."
+  type        = string
+  default     = "(default)"
+}
+
+variable "firestore_location" {
+  description = "Location of a created Firestore database (a region such as us-central1, or a multi-region such as nam5); \"\" means the function's region."
+  type        = string
+  default     = ""
+}
+
+variable "firestore_deletion_policy" {
+  description = "What terraform destroy does to a created Firestore database: DELETE (it only holds the cache) or ABANDON (leave it)."
+  type        = string
+  default     = "DELETE"
+
+  validation {
+    condition     = contains(["DELETE", "ABANDON"], var.firestore_deletion_policy)
+    error_message = "firestore_deletion_policy must be DELETE or ABANDON."
+  }
+}
+
+variable "firestore_collection_prefix" {
+  description = "FIRESTORE_COLLECTION_PREFIX: the cache's collections are <prefix>manifests, <prefix>layers and <prefix>builds."
+  type        = string
+  default     = "nixery-"
+}
+
+variable "build_images_to_keep" {
+  description = "Images of past function builds kept in the function's Artifact Registry repository (older ones are deleted, so redeploys do not pile up storage)."
+  type        = number
+  default     = 2
+}
+
+variable "extra_environment" {
+  description = "More environment variables for the function (see builder/config.py), e.g. { ALWAYS_INCLUDE = \"cacert\" }. They override the ones this module sets."
+  type        = map(string)
+  default     = {}
+}

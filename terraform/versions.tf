@@ -1,0 +1,20 @@
+terraform {
+  # strcontains() and endswith() in the source archive need 1.5.
+  required_version = ">= 1.5.0"
+
+  required_providers {
+    google = {
+      source  = "hashicorp/google"
+      version = "8.0.0"
+    }
+    archive = {
+      source  = "hashicorp/archive"
+      version = "2.7.1"
+    }
+  }
+}
+
+provider "google" {
+  project = var.project
+  region  = var.region
+}

@@ -1,0 +1,352 @@
+"""The `Cache` contract, proved against every backend: SQLite, Firestore (the emulator),
+and the in-memory layer in front of SQLite. Ends with unit tests of the memory layer's
+own logic.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder.cache import BuildLease, ImageRecord, LayerRecord, ManifestRef
+from builder.cache.memory import MemoryCache
+
+pytest_plugins = ["tests.fixtures_firestore"]
+
+NOW = 1_700_000_000.0
+OCI = "application/vnd.oci.image.manifest.v1+json"
+DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Enough to open one more instance of a backend, in this process or another."""
+
+    kind: str  # sqlite | firestore | memory+sqlite
+    path: str = ""
+    emulator_host: str = ""
+    project: str = ""
+
+
+def open_backend(spec: BackendSpec):
+    if spec.kind in ("sqlite", "memory+sqlite"):
+        from builder.cache.sqlite import SqliteCache
+
+        cache = SqliteCache(spec.path)
+        return MemoryCache(cache, max_entries=100) if spec.kind == "memory+sqlite" else cache
+    if spec.kind == "firestore":
+        from google.cloud import firestore
+
+        from builder.cache.firestore import FirestoreCache
+
+        os.environ["FIRESTORE_EMULATOR_HOST"] = spec.emulator_host
+        # A generous deadline: deadlines are not under test here, and a loaded machine's
+        # cold emulator answers its first calls slowly.
+        return FirestoreCache(firestore.Client(project=spec.project), prefix="contract-", timeout=15.0)
+    raise ValueError(spec.kind)
+
+
+@pytest.fixture(params=["sqlite", "firestore", "memory+sqlite"])
+def spec(request, tmp_path: Path) -> BackendSpec:
+    if request.param == "firestore":
+        emulator = request.getfixturevalue("firestore_env")
+        return BackendSpec("firestore", emulator_host=emulator["FIRESTORE_EMULATOR_HOST"], project=emulator["FIRESTORE_PROJECT"])
+    return BackendSpec(request.param, path=str(tmp_path / "cache.sqlite"))
+
+
+@pytest.fixture
+def cache(spec: BackendSpec):
+    return open_backend(spec)
+
+
+def image(key: str, expires_at: float = NOW + 3600, source: str = "demo:abc") -> ImageRecord:
+    return ImageRecord(
+        key=key,
+        manifests=(
+            ManifestRef("sha256:" + "a" * 64, 1234, OCI),
+            ManifestRef("sha256:" + "b" * 64, 1300, DOCKER),
+        ),
+        source=source,
+        created=NOW - 5.25,
+        expires_at=expires_at,
+    )
+
+
+def layer(key: str) -> LayerRecord:
+    return LayerRecord(key=key, digest="sha256:" + "c" * 64, diff_id="sha256:" + "d" * 64, size=98765, md5="e" * 32)
+
+
+# -- images and layers ----------------------------------------------------------------
+
+
+def test_image_reads_back_as_written(cache):
+    record = image("shell/git/htop:latest", expires_at=NOW + 3600.123456789)
+    cache.put_image(record)
+    assert cache.get_image("shell/git/htop:latest", NOW) == record
+    assert cache.get_image("shell/git:latest", NOW) is None
+
+
+def test_image_long_key_with_slashes(cache):
+    key = "/".join(f"package-{i}" for i in range(60)) + ":latest"
+    cache.put_image(image(key))
+    assert cache.get_image(key, NOW).key == key
+
+
+def test_expired_image_reads_as_none(cache):
+    cache.put_image(image("shell:latest", expires_at=NOW + 10))
+    assert cache.get_image("shell:latest", NOW + 9.5) is not None
+    assert cache.get_image("shell:latest", NOW + 10) is None
+    assert cache.get_image("shell:latest", NOW + 11) is None
+
+
+def test_put_image_replaces(cache):
+    cache.put_image(image("shell:latest", expires_at=NOW + 10, source="old"))
+    cache.put_image(image("shell:latest", expires_at=NOW + 100, source="new"))
+    assert cache.get_image("shell:latest", NOW + 50).source == "new"
+
+
+def test_layers(cache):
+    assert cache.get_layer("/nix/store/abc-git") is None
+    record = layer("/nix/store/abc-git /nix/store/def-perl")
+    cache.put_layer(record)
+    assert cache.get_layer("/nix/store/abc-git /nix/store/def-perl") == record
+    assert cache.get_layer("/nix/store/abc-git") is None
+
+
+# -- build leases -------------------------------------------------------------------------
+
+
+def test_first_claim_wins_second_sees_live_lease(cache):
+    assert cache.get_build("git") is None
+    first = cache.claim_build("git", "instance-a", NOW + 60, NOW)
+    assert first == BuildLease("git", "instance-a", NOW + 60, None)
+    second = cache.claim_build("git", "instance-b", NOW + 70, NOW + 1)
+    assert second.holder == "instance-a"
+    assert second.expires_at == NOW + 60
+    assert second.error is None
+    assert cache.get_build("git").holder == "instance-a"
+
+
+def test_leases_are_per_key(cache):
+    assert cache.claim_build("git", "a", NOW + 60, NOW).holder == "a"
+    assert cache.claim_build("htop", "b", NOW + 60, NOW).holder == "b"
+
+
+def test_expired_lease_is_taken_over(cache):
+    cache.claim_build("git", "dead", NOW + 60, NOW)
+    taken = cache.claim_build("git", "alive", NOW + 200, NOW + 61)
+    assert taken == BuildLease("git", "alive", NOW + 200, None)
+    assert cache.get_build("git").holder == "alive"
+
+
+def test_finish_without_error_releases(cache):
+    cache.claim_build("git", "a", NOW + 60, NOW)
+    cache.finish_build("git", "a", None, NOW + 120)
+    assert cache.get_build("git") is None
+    assert cache.claim_build("git", "b", NOW + 60, NOW + 1).holder == "b"
+
+
+def test_failure_is_remembered_until_remember_until(cache):
+    cache.claim_build("broken", "a", NOW + 600, NOW)
+    error = {"code": "MANIFEST_UNKNOWN", "message": "no package named 'nope'", "detail": {"exit": 1}}
+    cache.finish_build("broken", "a", error, NOW + 60)
+    remembered = cache.claim_build("broken", "b", NOW + 600, NOW + 30)
+    assert remembered.holder == "a"
+    assert remembered.error == error
+    assert remembered.expires_at == NOW + 60
+    assert cache.get_build("broken").error == error
+    retried = cache.claim_build("broken", "c", NOW + 700, NOW + 61)
+    assert retried == BuildLease("broken", "c", NOW + 700, None)
+    assert cache.get_build("broken").error is None
+
+
+def test_finish_by_a_holder_that_lost_its_lease_changes_nothing(cache):
+    cache.claim_build("git", "slow", NOW + 60, NOW)
+    cache.claim_build("git", "fast", NOW + 200, NOW + 61)  # "slow" counted as dead
+    cache.finish_build("git", "slow", None, NOW + 62)
+    cache.finish_build("git", "slow", {"message": "late"}, NOW + 62)
+    lease = cache.get_build("git")
+    assert lease.holder == "fast" and lease.error is None
+
+
+def _race_threads(cache, key: str, count: int, expires_at: float, now: float) -> list[BuildLease]:
+    barrier = threading.Barrier(count)
+    results: list[BuildLease | BaseException] = [None] * count  # type: ignore[list-item]
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = cache.claim_build(key, f"thread-{i}", expires_at, now)
+        except BaseException as exc:  # reported below, in the test's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+def test_threads_racing_for_one_key_get_one_holder(cache):
+    results = _race_threads(cache, "git", 16, NOW + 60, NOW)
+    holders = {r.holder for r in results}
+    assert len(holders) == 1
+    assert cache.get_build("git").holder in holders
+
+
+def test_threads_racing_for_one_expired_lease_get_one_holder(cache):
+    cache.claim_build("git", "dead", NOW + 60, NOW)
+    results = _race_threads(cache, "git", 16, NOW + 300, NOW + 100)
+    holders = {r.holder for r in results}
+    assert len(holders) == 1 and holders != {"dead"}
+    assert cache.get_build("git").holder in holders
+
+
+def _race_process(spec: BackendSpec, key: str, holder: str, barrier, results) -> None:
+    cache = open_backend(spec)
+    cache.get_build("warm-up")  # connect before the race, so the race is between claims
+    barrier.wait()
+    results.put((holder, cache.claim_build(key, holder, NOW + 60, NOW).holder))
+
+
+def test_processes_racing_for_one_key_get_one_holder(spec: BackendSpec):
+    count = 6
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(count)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_race_process, args=(spec, "git", f"proc-{i}", barrier, results)) for i in range(count)]
+    for p in procs:
+        p.start()
+    answers = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    winners = {seen for _, seen in answers}
+    assert len(winners) == 1
+    winner = winners.pop()
+    assert [h for h, seen in answers if h == seen] == [winner]
+    assert open_backend(spec).get_build("git").holder == winner
+
+
+# -- the memory layer's own logic (unit tests over a counting stand-in) ---------------
+
+
+class CountingCache:
+    """A dictionary cache that counts how often it is asked."""
+
+    def __init__(self):
+        self.images: dict[str, ImageRecord] = {}
+        self.layers: dict[str, LayerRecord] = {}
+        self.calls: list[str] = []
+        self.fail = False
+
+    def _called(self, name: str) -> None:
+        self.calls.append(name)
+        if self.fail:
+            raise ConnectionError("down")
+
+    def get_image(self, key, now):
+        self._called("get_image")
+        r = self.images.get(key)
+        return r if r is not None and r.expires_at > now else None
+
+    def put_image(self, record):
+        self._called("put_image")
+        self.images[record.key] = record
+
+    def get_layer(self, key):
+        self._called("get_layer")
+        return self.layers.get(key)
+
+    def put_layer(self, record):
+        self._called("put_layer")
+        self.layers[record.key] = record
+
+    def claim_build(self, key, holder, expires_at, now):
+        self._called("claim_build")
+        return BuildLease(key, holder, expires_at)
+
+    def get_build(self, key):
+        self._called("get_build")
+        return None
+
+    def finish_build(self, key, holder, error, remember_until):
+        self._called("finish_build")
+
+
+def test_memory_serves_hits_without_asking_inner():
+    inner = CountingCache()
+    inner.images["a"] = image("a")
+    memory = MemoryCache(inner, max_entries=10)
+    assert memory.get_image("a", NOW) == image("a")
+    assert memory.get_image("a", NOW + 1) == image("a")
+    assert inner.calls == ["get_image"]
+
+
+def test_memory_does_not_remember_misses():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    assert memory.get_image("a", NOW) is None
+    inner.images["a"] = image("a")  # built by another instance meanwhile
+    assert memory.get_image("a", NOW) == image("a")
+
+
+def test_memory_honours_expiry():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    memory.put_image(image("a", expires_at=NOW + 10))
+    assert memory.get_image("a", NOW + 5) is not None
+    assert memory.get_image("a", NOW + 10) is None
+    assert inner.calls == ["put_image", "get_image"]
+
+
+def test_memory_evicts_least_recently_used():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=2)
+    for key in "abc":
+        memory.put_image(image(key))
+    inner.calls.clear()
+    memory.get_image("c", NOW)
+    memory.get_image("b", NOW)
+    assert inner.calls == []
+    memory.get_image("a", NOW)  # evicted first
+    assert inner.calls == ["get_image"]
+
+
+def test_memory_caches_layers():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    assert memory.get_layer("x") is None
+    inner.layers["x"] = layer("x")
+    assert memory.get_layer("x") == layer("x")
+    assert memory.get_layer("x") == layer("x")
+    assert inner.calls == ["get_layer", "get_layer"]
+
+
+def test_memory_delegates_leases():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    memory.claim_build("k", "h", NOW + 1, NOW)
+    memory.get_build("k")
+    memory.finish_build("k", "h", None, NOW)
+    memory.claim_build("k", "h", NOW + 1, NOW)
+    assert inner.calls == ["claim_build", "get_build", "finish_build", "claim_build"]
+
+
+def test_memory_keeps_what_it_built_when_inner_is_down():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    inner.fail = True
+    with pytest.raises(ConnectionError):
+        memory.put_image(image("a"))
+    assert memory.get_image("a", NOW) == image("a")
+    with pytest.raises(ConnectionError):
+        memory.get_image("b", NOW)

@@ -1,0 +1,115 @@
+"""Real registry clients pull images from the registry and run them."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.clients
+
+
+def run(*args, env=None, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})}, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\nstdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}")
+    return result
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed: run scripts/install-deps"
+    return path
+
+
+def skopeo_to_oci(registry, image: str, layout: Path, tag: str = "latest", reference: str | None = None) -> None:
+    source = f"docker://{registry.host}/{image}" + (f"@{reference}" if reference else f":{tag}")
+    run(tool("skopeo"), "copy", "--src-tls-verify=false", source, f"oci:{layout}:{tag}")
+
+
+def unpack_and_run(layout: Path, bundle: Path, *command: str, tag: str = "latest") -> str:
+    run(tool("umoci"), "unpack", "--image", f"{layout}:{tag}", bundle)
+    return run("chroot", bundle / "rootfs", *command).stdout
+
+
+def test_skopeo_umoci_chroot_runs_the_image(shared_registry, tmp_path):
+    skopeo_to_oci(shared_registry, "shell/hello", tmp_path / "layout")
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    assert index["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    out = unpack_and_run(tmp_path / "layout", tmp_path / "bundle", "/bin/hello")
+    assert "Hello, world!" in out
+    rootfs = tmp_path / "bundle" / "rootfs"
+    # The customisation layer: packages linked into /, /tmp, /usr/bin/env, certificates.
+    assert (rootfs / "tmp").is_dir() and (rootfs / "tmp").stat().st_mode & 0o1777 == 0o1777
+    assert os.readlink(rootfs / "usr/bin/env").startswith("/nix/store/")
+    assert (rootfs / "etc/ssl/certs/ca-bundle.crt").exists()
+    shell = run("chroot", rootfs, "/bin/bash", "-c", "echo $((6 * 7)) | /usr/bin/env cat").stdout
+    assert shell.strip() == "42"
+
+
+def test_skopeo_docker_schema2_and_pull_by_digest(shared_registry, tmp_path):
+    head = shared_registry.head("/v2/goodbye/manifests/latest",
+                                headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    digest = head.headers["Docker-Content-Digest"]
+    # A docker-archive/dir destination keeps the schema2 manifest as served.
+    run(tool("skopeo"), "copy", "--src-tls-verify=false", f"docker://{shared_registry.host}/goodbye@{digest}",
+        f"dir:{tmp_path / 'dir'}")
+    manifest = json.loads((tmp_path / "dir" / "manifest.json").read_text())
+    assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    inspect = json.loads(run(tool("skopeo"), "inspect", "--tls-verify=false",
+                             f"docker://{shared_registry.host}/goodbye:latest").stdout)
+    assert inspect["Digest"].startswith("sha256:") and inspect["RepoTags"] == ["latest"]
+
+
+def test_skopeo_shows_the_registry_message_for_unknown_packages(shared_registry, tmp_path):
+    result = run(tool("skopeo"), "copy", "--src-tls-verify=false", f"docker://{shared_registry.host}/hello/nosuchpkg:latest",
+                 f"oci:{tmp_path / 'layout'}:latest", check=False)
+    assert result.returncode != 0
+    assert "nosuchpkg" in result.stderr
+
+
+def test_podman_pull_and_run(shared_registry, tmp_path):
+    storage = ["--root", tmp_path / "root", "--runroot", tmp_path / "runroot", "--tmpdir", tmp_path / "tmp",
+               "--storage-driver", "vfs"]
+    image = f"{shared_registry.host}/shell/hello"
+    run(tool("podman"), *storage, "pull", "--tls-verify=false", image)
+    out = run(tool("podman"), *storage, "run", "--rm", "--runtime", "runc", "--network=none",
+              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", image, "hello").stdout
+    assert "Hello, world!" in out
+
+
+@pytest.fixture(scope="module")
+def dockerd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docker")
+    sock = root / "docker.sock"
+    log = open(root / "dockerd.log", "wb")
+    process = subprocess.Popen(
+        [tool("dockerd"), "--data-root", root / "data", "--exec-root", root / "exec", "--pidfile", root / "pid",
+         "-H", f"unix://{sock}", "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-masq=false",
+         "--storage-driver=overlay2"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    env = {"DOCKER_HOST": f"unix://{sock}"}
+    deadline = time.monotonic() + 60
+    while run(tool("docker"), "info", env=env, check=False).returncode != 0:
+        assert process.poll() is None, (root / "dockerd.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "dockerd did not start"
+        time.sleep(0.5)
+    yield env
+    process.terminate()
+    process.wait(30)
+
+
+def test_docker_pull_and_run(shared_registry, dockerd):
+    image = f"{shared_registry.host}/shell/hello"
+    run(tool("docker"), "pull", image, env=dockerd)
+    out = run(tool("docker"), "run", "--rm", "--network", "none", image, "hello", env=dockerd).stdout
+    assert "Hello, world!" in out
+    # docker's default command is the image's Cmd: bash.
+    out = run(tool("docker"), "run", "--rm", "--network", "none", image, "bash", "-c", "echo ok", env=dockerd).stdout
+    assert out.strip() == "ok"

@@ -1,0 +1,406 @@
+"""The terraform module against the code it deploys.
+
+Terraform and the Python code meet only through names: environment variables,
+the entry point, Firestore collections and fields, the bucket's temporary
+prefix. These tests parse both sides (the HCL with python-hcl2, the Python with
+`ast`) and check that the names agree, plus the security properties the
+deployment promises (private bucket, least-privilege identity, scale to zero).
+The offline tool checks (terraform fmt, checkov, terraform validate) live in
+scripts/check-terraform.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import hcl2
+import pytest
+
+from builder.cache import BuildLease, ImageRecord
+from builder.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+TERRAFORM = ROOT / "terraform"
+BUILDER = ROOT / "builder"
+
+# Read by the code without a default, yet deliberately not set by terraform.
+NOT_SET_BY_TERRAFORM = {
+    "NIXERY_PKGS_PATH": "a package set on the local disk; the cloud uses a channel or a repository",
+    "NIX_BIN_DIR": "where Nix lives; the function bootstraps its own from NIX_BOOTSTRAP_URL",
+    "GOOGLE_CLOUD_PROJECT": "fallback for FIRESTORE_PROJECT, which terraform sets",
+}
+# Alternatives: terraform sets exactly one of them (a precondition enforces it).
+PACKAGE_SOURCES = {"NIXERY_CHANNEL", "NIXERY_PKGS_REPO"}
+
+RUNTIME_MEMBER = "${google_service_account.runtime.member}"
+
+
+# --- parsing -------------------------------------------------------------------------
+
+
+@cache
+def terraform() -> dict[str, list[dict[str, Any]]]:
+    """All .tf files of the module, merged by top-level block type."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(TERRAFORM.glob("*.tf")):
+        with path.open() as f:
+            for kind, blocks in hcl2.load(f).items():
+                merged.setdefault(kind, []).extend(blocks)
+    return merged
+
+
+def resources(kind: str) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for block in terraform().get("resource", []):
+        for name, body in block.get(kind, {}).items():
+            found[name] = body
+    return found
+
+
+def resource(kind: str, name: str) -> dict[str, Any]:
+    found = resources(kind)
+    assert name in found, f"terraform has no {kind}.{name}"
+    return found[name]
+
+
+def all_resources() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for block in terraform().get("resource", []):
+        for kind, named in block.items():
+            for name, body in named.items():
+                yield kind, name, body
+
+
+def local(name: str) -> Any:
+    for block in terraform().get("locals", []):
+        if name in block:
+            return block[name]
+    raise AssertionError(f"terraform has no local.{name}")
+
+
+def variables() -> dict[str, dict[str, Any]]:
+    return {name: body for block in terraform()["variable"] for name, body in block.items()}
+
+
+def output(name: str) -> dict[str, Any]:
+    for block in terraform().get("output", []):
+        if name in block:
+            return block[name]
+    raise AssertionError(f"terraform has no output {name}")
+
+
+def one(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    assert len(blocks) == 1, blocks
+    return blocks[0]
+
+
+def function() -> dict[str, Any]:
+    return resource("google_cloudfunctions2_function", "registry")
+
+
+def environment() -> dict[str, Any]:
+    """Every variable terraform may give the function (the package sources conditionally)."""
+    return {**local("base_environment"), **local("package_source_environment")}
+
+
+def resolve(expression: Any) -> str:
+    """A value as the function would see it with the variables' defaults; references to
+    resources become placeholders."""
+    defaults = {name: body.get("default") for name, body in variables().items()}
+    if not isinstance(expression, str):
+        return str(expression)
+    match = re.fullmatch(r"\$\{(?:tostring\()?var\.(\w+)\)?\}", expression)
+    if match:
+        return str(defaults[match.group(1)])
+    if "${" in expression:
+        return "placeholder"
+    return expression
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvRead:
+    name: str
+    has_default: bool
+    where: str
+
+
+def _receiver_is_environment(node: ast.expr) -> bool:
+    text = ast.unparse(node)
+    return text.endswith("env") or text.endswith("environ")
+
+
+def env_reads(path: Path) -> list[EnvRead]:
+    """Environment variables a module reads: `env.get("X"[, default])` on anything named
+    env or environ, `os.getenv`, `env["X"]`, and config.py's `_int/_bool/_list(env, "X", d)`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    where = str(path.relative_to(ROOT))
+    reads: list[EnvRead] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            args = node.args
+            if isinstance(func, ast.Attribute) and func.attr == "get" and _receiver_is_environment(func.value):
+                name_arg, has_default = (args[0] if args else None), len(args) > 1 or bool(node.keywords)
+            elif isinstance(func, ast.Attribute) and func.attr == "getenv":
+                name_arg, has_default = (args[0] if args else None), len(args) > 1
+            elif isinstance(func, ast.Name) and func.id in ("_int", "_bool", "_list"):
+                name_arg, has_default = (args[1] if len(args) > 1 else None), True
+            else:
+                continue
+            if isinstance(name_arg, ast.Constant) and isinstance(name_arg.value, str):
+                reads.append(EnvRead(name_arg.value, has_default, where))
+        elif isinstance(node, ast.Subscript) and _receiver_is_environment(node.value):
+            if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+                reads.append(EnvRead(node.slice.value, False, where))
+    return reads
+
+
+@cache
+def code_reads() -> tuple[EnvRead, ...]:
+    paths = sorted(BUILDER.rglob("*.py")) + [p for p in [ROOT / "main.py"] if p.exists()]
+    return tuple(read for path in paths for read in env_reads(path))
+
+
+# --- environment ---------------------------------------------------------------------
+
+
+def test_the_parser_finds_configs_reads():
+    names = {r.name for r in env_reads(BUILDER / "config.py")}
+    # A few of each call shape, so a parser that finds nothing cannot pass the tests below.
+    assert {"NIXERY_CHANNEL", "GCS_BUCKET", "MAX_LAYERS", "GCS_PUBLIC", "ALWAYS_INCLUDE"} <= names
+
+
+def test_every_variable_terraform_sets_is_one_the_code_reads():
+    read = {r.name for r in code_reads()}
+    unknown = sorted(set(environment()) - read)
+    assert not unknown, f"terraform sets variables no code reads (typos?): {unknown}"
+
+
+def test_every_variable_the_code_needs_is_set_by_terraform():
+    needed = {r.name for r in env_reads(BUILDER / "config.py") if not r.has_default}
+    missing = sorted(needed - set(environment()) - set(NOT_SET_BY_TERRAFORM))
+    assert not missing, f"config.py reads these without a default and terraform does not set them: {missing}"
+    assert set(NOT_SET_BY_TERRAFORM) <= needed | {r.name for r in code_reads()}, "stale exception list"
+
+
+def test_the_function_gets_the_whole_environment():
+    env = one(function()["service_config"])["environment_variables"]
+    assert env == "${local.function_environment}"
+    merged = local("function_environment")
+    for part in ("local.base_environment", "local.package_source_environment", "var.extra_environment"):
+        assert part in merged
+
+
+def test_exactly_one_package_source_by_default():
+    env = {name: resolve(value) for name, value in local("package_source_environment").items()}
+    assert set(env) == PACKAGE_SOURCES
+    assert sum(1 for value in env.values() if value) == 1
+    preconditions = one(function()["lifecycle"])["precondition"]
+    assert any("nixpkgs_channel" in p["condition"] and "nixpkgs_repo" in p["condition"] for p in preconditions)
+
+
+def test_the_defaults_make_a_valid_cloud_configuration():
+    env = {name: resolve(value) for name, value in environment().items() if resolve(value)}
+    config = Config.from_env(env)  # raises on a value the code rejects
+    assert config.storage_backend == "gcs"
+    assert config.cache_backend == "firestore"
+    assert config.gcs_public is False  # the bucket is private: layers go out through signed URLs
+    assert config.channel and not config.pkgs_repo and not config.pkgs_path
+    assert config.nix_max_jobs == "0"
+    assert config.nix_substituters == "https://cache.nixos.org"
+    assert config.nix_trusted_public_keys == "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+    assert config.work_dir == "/tmp/nixery" and config.nix_store == "/tmp/nix"
+    assert config.firestore_prefix == Config.firestore_prefix
+    assert config.nix_timeout < int(resolve(one(function()["service_config"])["timeout_seconds"]))
+
+
+def test_nix_bootstrap_is_pinned():
+    env = environment()
+    url = resolve(env["NIX_BOOTSTRAP_URL"])
+    digest = resolve(env["NIX_BOOTSTRAP_SHA256"])
+    assert url.startswith("https://") and re.search(r"\d+\.\d+\.\d+", url), url  # a fixed release, not "latest"
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+
+
+# --- Firestore -----------------------------------------------------------------------
+
+
+def test_ttl_policies_match_the_cache_records():
+    fields = resources("google_firestore_field")
+    expiring = {body["collection"]: body for body in fields.values() if "ttl_config" in body}
+    prefix = "${var.firestore_collection_prefix}"
+    assert set(expiring) == {prefix + "manifests", prefix + "builds"}
+    for body in expiring.values():
+        assert body["field"] == "expires_at"
+        assert body["database"] == "${local.firestore_database}"
+    # The field the records carry, for images and for build leases.
+    assert "expires_at" in {f.name for f in dataclasses.fields(ImageRecord)}
+    assert "expires_at" in {f.name for f in dataclasses.fields(BuildLease)}
+    assert variables()["firestore_collection_prefix"]["default"] == Config.firestore_prefix
+    assert environment()["FIRESTORE_COLLECTION_PREFIX"] == "${var.firestore_collection_prefix}"
+
+
+def test_firestore_backend_uses_these_collections():
+    path = BUILDER / "cache" / "firestore.py"
+    if not path.exists():
+        pytest.skip("builder/cache/firestore.py is not written yet")
+    strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert {"manifests", "builds", "expires_at"} <= strings
+
+
+def test_firestore_database_is_native_mode():
+    database = resource("google_firestore_database", "cache")
+    assert database["type"] == "FIRESTORE_NATIVE"
+    assert variables()["firestore_database"]["default"] == Config.firestore_database
+
+
+# --- storage -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bucket", ["layers", "source"])
+def test_buckets_are_private(bucket):
+    body = resource("google_storage_bucket", bucket)
+    assert body["uniform_bucket_level_access"] is True
+    assert body["public_access_prevention"] == "enforced"
+    members = [b["member"] for b in resources("google_storage_bucket_iam_member").values()]
+    assert not {"allUsers", "allAuthenticatedUsers"} & set(members)
+
+
+def gcs_constant(name: str) -> str:
+    """A module-level constant of the GCS storage backend."""
+    tree = ast.parse((BUILDER / "storage" / "gcs.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"builder/storage/gcs.py has no {name}")
+
+
+def test_abandoned_temporaries_are_removed():
+    prefix = local("layer_temporary_prefix")
+    assert prefix == gcs_constant("UPLOAD_PREFIX")
+    assert prefix.endswith("/") and not gcs_constant("BLOB_PREFIX").startswith(prefix)  # never published blobs
+    rules = resource("google_storage_bucket", "layers")["lifecycle_rule"]
+    deletes = [r for r in rules if one(r["action"])["type"] == "Delete"]
+    assert len(deletes) == 1
+    condition = one(deletes[0]["condition"])
+    assert condition["matches_prefix"] == ["${local.layer_temporary_prefix}"]
+    assert condition["age"] == 1
+
+
+def test_source_archive_holds_the_function_and_is_named_by_content():
+    files = local("source_files")
+    for part in ("main.py", "requirements.txt", '"builder/**"', '"nix/**"'):
+        assert part in files
+    obj = resource("google_storage_bucket_object", "source")
+    assert re.search(r"data\.archive_file\.source\.output_(sha256|md5)", obj["name"])
+    storage_source = one(one(one(function()["build_config"])["source"])["storage_source"])
+    assert storage_source["object"] == "${google_storage_bucket_object.source.name}"
+
+
+def test_archived_files_are_text():
+    # The archive is built with file(), which reads UTF-8 text only.
+    paths = [ROOT / "main.py", ROOT / "requirements.txt"]
+    for folder in ("builder", "nix"):
+        paths += [p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+    for path in paths:
+        path.read_bytes().decode("utf-8")  # raises on a binary file
+
+
+# --- function ------------------------------------------------------------------------
+
+
+def test_entry_point_exists_in_main():
+    build = one(function()["build_config"])
+    assert build["entry_point"] == "registry"
+    main = ROOT / "main.py"
+    assert main.exists(), "main.py is missing"
+    tree = ast.parse(main.read_text())
+    assert "registry" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_python_runtime():
+    default = variables()["python_runtime"]["default"]
+    assert default in ("python311", "python312")
+    assert one(function()["build_config"])["runtime"] == "${var.python_runtime}"
+
+
+def test_scales_to_zero_and_sizes_are_variables():
+    service = one(function()["service_config"])
+    assert service["min_instance_count"] == 0
+    for key, var in {
+        "available_memory": "memory",
+        "available_cpu": "cpu",
+        "timeout_seconds": "timeout_seconds",
+        "max_instance_request_concurrency": "concurrency",
+        "max_instance_count": "max_instances",
+    }.items():
+        assert service[key] == "${var.%s}" % var
+    assert service["service_account_email"] == "${google_service_account.runtime.email}"
+
+
+def test_public_invocation_is_a_variable_public_by_default():
+    invoker = resource("google_cloud_run_v2_service_iam_member", "public")
+    assert invoker["count"] == "${var.public ? 1 : 0}"
+    assert invoker["role"] == "roles/run.invoker" and invoker["member"] == "allUsers"
+    assert variables()["public"]["default"] is True
+
+
+# --- identity ------------------------------------------------------------------------
+
+
+def test_runtime_identity_has_exactly_the_least_privilege_roles():
+    granted = set()
+    for kind, name, body in all_resources():
+        if body.get("member") == RUNTIME_MEMBER or RUNTIME_MEMBER in body.get("members", []):
+            target = body.get("bucket") or body.get("service_account_id") or body.get("project")
+            granted.add((kind, body["role"], target))
+    assert granted == {
+        ("google_storage_bucket_iam_member", "roles/storage.objectAdmin", "${google_storage_bucket.layers.name}"),
+        ("google_project_iam_member", "roles/datastore.user", "${var.project}"),
+        (
+            "google_service_account_iam_member",
+            "roles/iam.serviceAccountTokenCreator",
+            "${google_service_account.runtime.name}",
+        ),
+    }
+    assert environment()["GCS_SIGNING_ACCOUNT"] == "${google_service_account.runtime.email}"
+
+
+def test_no_authoritative_iam():
+    # *_iam_binding and *_iam_policy replace whatever else the project grants.
+    kinds = {kind for kind, _, _ in all_resources()}
+    assert not {k for k in kinds if k.endswith("_iam_binding") or k.endswith("_iam_policy")}
+
+
+# --- module hygiene ------------------------------------------------------------------
+
+
+def test_required_apis_are_enabled():
+    services = local("services")
+    for api in ("cloudfunctions", "run", "cloudbuild", "artifactregistry", "storage", "firestore", "iamcredentials"):
+        assert f"{api}.googleapis.com" in services
+
+
+def test_providers_are_pinned():
+    providers = one(one(terraform()["terraform"])["required_providers"])
+    for name in ("google", "archive"):
+        assert re.fullmatch(r"\d+\.\d+\.\d+", providers[name]["version"]), providers[name]
+
+
+def test_variables_are_described_and_only_project_and_region_are_required():
+    required = set()
+    for name, body in variables().items():
+        assert body.get("description"), f"variable {name} has no description"
+        if "default" not in body:
+            required.add(name)
+    assert required == {"project", "region"}
+
+
+def test_outputs_give_a_host_at_the_root_and_a_pull_command():
+    host = local("registry_host")
+    assert "service_config[0].uri" in host and '"https://"' in host
+    assert output("registry_host")["value"] == "${local.registry_host}"
+    assert output("pull_command")["value"] == "docker pull ${local.registry_host}/shell/hello"
