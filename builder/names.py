@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .errors import DigestInvalid, NameInvalid, TagInvalid
+from .errors import DigestInvalid, ManifestUnknown, NameInvalid
 
 # The distribution spec's grammar for one path component, and for tags and digests.
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
@@ -75,8 +75,11 @@ def parse_image_name(name: str, *, always_include: tuple[str, ...], max_packages
 
 
 def check_tag(tag: str) -> None:
+    # On the pull side a reference that cannot be a tag names no manifest: the spec (and its
+    # conformance suite) want 404 here; TAG_INVALID is for pushes.
     if not TAG.fullmatch(tag):
-        raise TagInvalid(f"invalid tag {tag[:140]!r}", {"tag": tag[:140]})
+        raise ManifestUnknown(f"invalid tag {tag[:140]!r}: tags match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}",
+                              {"tag": tag[:140]})
 
 
 def is_digest(reference: str) -> bool:

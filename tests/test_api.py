@@ -199,7 +199,8 @@ def test_unknown_tag(shared_registry):
 
 @pytest.mark.parametrize("path, status, code", [
     ("/v2/Hello/manifests/latest", 400, "NAME_INVALID"),
-    ("/v2/hello/manifests/-bad", 400, "TAG_INVALID"),
+    ("/v2/hello/manifests/-bad", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/hello/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
     ("/v2/hello/manifests/sha256:1234", 400, "DIGEST_INVALID"),
     ("/v2/hello/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
     ("/v2/hello/blobs/latest", 400, "DIGEST_INVALID"),

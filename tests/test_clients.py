@@ -5,10 +5,14 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from builder.manifest import OCI_MANIFEST
+from tests import clients
 
 pytestmark = pytest.mark.clients
 
@@ -73,9 +77,16 @@ def test_skopeo_shows_the_registry_message_for_unknown_packages(shared_registry,
     assert "nosuchpkg" in result.stderr
 
 
-def test_podman_pull_and_run(shared_registry, tmp_path):
-    storage = ["--root", tmp_path / "root", "--runroot", tmp_path / "runroot", "--tmpdir", tmp_path / "tmp",
-               "--storage-driver", "vfs"]
+@pytest.fixture
+def podman_state():
+    # podman refuses a runroot path longer than 50 characters: keep it short.
+    state = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))
+    yield ["--root", state / "root", "--runroot", state / "run", "--tmpdir", state / "tmp", "--storage-driver", "vfs"]
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def test_podman_pull_and_run(shared_registry, podman_state):
+    storage = podman_state
     image = f"{shared_registry.host}/shell/hello"
     run(tool("podman"), *storage, "pull", "--tls-verify=false", image)
     out = run(tool("podman"), *storage, "run", "--rm", "--runtime", "runc", "--network=none",
@@ -113,3 +124,31 @@ def test_docker_pull_and_run(shared_registry, dockerd):
     # docker's default command is the image's Cmd: bash.
     out = run(tool("docker"), "run", "--rm", "--network", "none", image, "bash", "-c", "echo ok", env=dockerd).stdout
     assert out.strip() == "ok"
+
+
+def test_crane_pull_and_digest(shared_registry, tmp_path):
+    crane = clients.crane()
+    digest = run(crane, "digest", "--insecure", f"{shared_registry.host}/hello:latest").stdout.strip()
+    head = shared_registry.head("/v2/hello/manifests/latest", headers={"Accept": OCI_MANIFEST})
+    assert digest.startswith("sha256:")
+    run(crane, "pull", "--insecure", "--format", "oci", f"{shared_registry.host}/hello:latest", tmp_path / "layout")
+    run(crane, "validate", "--insecure", "--remote", f"{shared_registry.host}/hello:latest")
+    # crane asks for OCI and docker types alike and gets the same digest as a HEAD by the tag.
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    pulled = index["manifests"][0]["digest"]
+    assert pulled == digest
+    assert digest in (head.headers["Docker-Content-Digest"],
+                      shared_registry.head("/v2/hello/manifests/latest").headers["Docker-Content-Digest"])
+    assert (tmp_path / "layout" / "blobs" / "sha256" / pulled.split(":")[1]).exists()
+
+
+def test_oci_conformance_suite_pull(shared_registry, tmp_path):
+    name = "shell/hello"
+    head = shared_registry.head(f"/v2/{name}/manifests/latest", headers={"Accept": OCI_MANIFEST})
+    manifest = shared_registry.get(f"/v2/{name}/manifests/{head.headers['Docker-Content-Digest']}",
+                                   headers={"Accept": OCI_MANIFEST}).json()
+    env = clients.conformance_env(shared_registry.url, name, "latest", head.headers["Docker-Content-Digest"],
+                                  manifest["layers"][0]["digest"], tmp_path)
+    result = run(clients.conformance_test(), *clients.CONFORMANCE_FLAGS, env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "| 0 Failed |" in result.stdout and "0 Passed" not in result.stdout
