@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_pack.py                      # generated ~1 GB store tree
     .venv/bin/python bench/bench_pack.py --size-mb 256
+    .venv/bin/python bench/bench_pack.py --demo benchGiant       # builds nix/demo's ~1 GiB closure
     .venv/bin/python bench/bench_pack.py --store-root / --paths $(nix-store -qR RESULT)
 
 Every measurement runs in a child process on a warm page cache; the child
@@ -75,6 +76,21 @@ def generate_store(root: str, total_mb: int, seed: int = 1) -> list[str]:
     return paths
 
 
+NIX_CONFIG = "build-users-group =\nsubstituters =\nsandbox = false\nbuild-poll-interval = 1"
+
+
+def build_demo(attr: str, store: str) -> list[str]:
+    """Build a demo package into a chroot store (kept for the next run); its runtime closure."""
+    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
+    link = os.path.join(os.path.dirname(store.rstrip("/")), f"result-{attr}")
+    subprocess.run(["nix-build", os.path.join(ROOT, "nix", "demo"), "-A", attr, "--store", store,
+                    "--out-link", link], check=True, env=env, stdout=subprocess.DEVNULL)
+    out = os.readlink(link)
+    closure = subprocess.run(["nix-store", "--store", store, "-qR", out], check=True, env=env,
+                             capture_output=True, text=True).stdout.split()
+    return sorted(closure)
+
+
 def tree_bytes(store_root: str, paths: list[str]) -> int:
     total = 0
     for path in paths:
@@ -106,10 +122,15 @@ def main() -> None:
     parser.add_argument("--store-root", default=None)
     parser.add_argument("--paths", nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--demo", metavar="ATTR", help="pack the closure of a nix/demo attribute")
+    parser.add_argument("--nix-store", default="/tmp/bench-pack-nix/store",
+                        help="chroot store for --demo (files under STORE/nix/store)")
     args = parser.parse_args()
 
     tmp = None
-    if args.paths:
+    if args.demo:
+        store_root, paths = args.nix_store, build_demo(args.demo, args.nix_store)
+    elif args.paths:
         store_root, paths = args.store_root or "/", sorted(args.paths)
     else:
         tmp = tempfile.mkdtemp(prefix="bench-pack-")

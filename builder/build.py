@@ -80,7 +80,7 @@ class ImageBuilder:
         self._nix_settings_lock = threading.Lock()
         self.store_root = config.nix_store or "/"
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.lease_seconds = int(config.env.get("BUILD_LEASE_SECONDS", "0") or 0) or config.nix_timeout + 120
+        self.lease_seconds = config.lease_seconds
         self.recent_errors: deque[BuildError] = deque(maxlen=20)
         self._in_flight: dict[str, Future] = {}
         self._in_flight_lock = threading.Lock()

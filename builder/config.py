@@ -60,6 +60,7 @@ class Config:
     manifest_ttl: int = 6 * 3600  # MANIFEST_TTL: for moving sources (channels, branches)
     pinned_manifest_ttl: int = 30 * 24 * 3600  # PINNED_MANIFEST_TTL: for commits
     failure_ttl: int = 60  # FAILURE_TTL: a failed build is remembered this long
+    build_lease_seconds: int = 0  # BUILD_LEASE_SECONDS: a build lease's life; 0 = NIX_TIMEOUT + 120
 
     # Nix
     nix_timeout: int = 600  # NIX_TIMEOUT: seconds for one image's Nix work
@@ -86,6 +87,7 @@ class Config:
     firestore_project: str | None = None  # FIRESTORE_PROJECT (else GOOGLE_CLOUD_PROJECT)
     firestore_database: str = "(default)"  # FIRESTORE_DATABASE
     firestore_prefix: str = "nixery-"  # FIRESTORE_COLLECTION_PREFIX: collections <prefix>manifests, layers, builds
+    memory_cache_entries: int = 10000  # MEMORY_CACHE_ENTRIES: records this instance keeps in memory
 
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -115,6 +117,7 @@ class Config:
             manifest_ttl=_int(env, "MANIFEST_TTL", cls.manifest_ttl),
             pinned_manifest_ttl=_int(env, "PINNED_MANIFEST_TTL", cls.pinned_manifest_ttl),
             failure_ttl=_int(env, "FAILURE_TTL", cls.failure_ttl),
+            build_lease_seconds=_int(env, "BUILD_LEASE_SECONDS", cls.build_lease_seconds),
             nix_timeout=_int(env, "NIX_TIMEOUT", cls.nix_timeout),
             nix_bin_dir=env.get("NIX_BIN_DIR") or None,
             nix_store=env.get("NIX_STORE_ROOT") or None,
@@ -135,10 +138,16 @@ class Config:
             firestore_project=env.get("FIRESTORE_PROJECT") or env.get("GOOGLE_CLOUD_PROJECT") or None,
             firestore_database=env.get("FIRESTORE_DATABASE", cls.firestore_database),
             firestore_prefix=env.get("FIRESTORE_COLLECTION_PREFIX", cls.firestore_prefix),
+            memory_cache_entries=_int(env, "MEMORY_CACHE_ENTRIES", cls.memory_cache_entries),
             env=env,
         )
         config.validate()
         return config
+
+    @property
+    def lease_seconds(self) -> int:
+        # Long enough for the Nix timeout plus packing and uploading what it built.
+        return self.build_lease_seconds or self.nix_timeout + 120
 
     def validate(self) -> None:
         if self.compression not in ("gzip", "none"):
@@ -169,11 +178,19 @@ def open_storage(config: Config):
 
 
 def open_cache(config: Config):
-    """The cache backend the configuration names."""
+    """The cache backend the configuration names, behind this instance's own memory of it.
+
+    Image and layer records never change once written, so the memory layer serves warm
+    manifests without a round trip (Firestore answers in milliseconds, memory in microseconds).
+    """
+    from .cache.memory import MemoryCache
+
     if config.cache_backend == "firestore":
         from .cache.firestore import FirestoreCache
 
-        return FirestoreCache.from_config(config)
-    from .cache.sqlite import SqliteCache
+        shared = FirestoreCache.from_config(config)
+    else:
+        from .cache.sqlite import SqliteCache
 
-    return SqliteCache(config.cache_path)
+        shared = SqliteCache(config.cache_path)
+    return MemoryCache(shared, max_entries=config.memory_cache_entries)

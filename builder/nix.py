@@ -397,7 +397,29 @@ def _realise(
         raise PackageFailed(failed_names or sorted(resolved), message)
     if _SERVER_FAULT.search(result.stderr):
         raise NixUnavailable(message)
+    if _NO_LOCAL_BUILDS.search(result.stderr):
+        # max-jobs 0 (substitute only): whatever the binary cache lacks would
+        # have to be compiled here. That is the package's fault, not the server's.
+        missing = _not_substitutable(resolved, installables, settings, deadline)
+        raise PackageFailed(
+            missing, "not in the binary cache: " + ", ".join(missing) + " (this registry does not build packages)"
+        )
     raise NixError(message)
+
+
+_NO_LOCAL_BUILDS = re.compile(r"unable to start any build", re.IGNORECASE)
+
+
+def _not_substitutable(
+    resolved: dict[str, dict[str, str]], installables: list[str], settings: NixSettings, deadline: _Deadline
+) -> list[str]:
+    """The requested names whose outputs would have to be built: `--dry-run` lists their derivations."""
+    args = [_binary(settings, "nix-store"), "--realise", "--dry-run", *_options(settings), *installables]
+    result = _run(args, deadline, "asking the binary cache")
+    to_build = set(re.findall(r"^\s*(/nix/store/\S+\.drv)\s*$", result.stderr, re.MULTILINE))
+    names = sorted(name for name, p in resolved.items() if p["drvPath"] in to_build)
+    # Only dependencies missing: every requested name needs them.
+    return names or sorted(resolved)
 
 
 def _path_info(paths: list[str], settings: NixSettings, deadline: _Deadline) -> dict[str, StorePath]:

@@ -16,8 +16,8 @@ locals {
     MAX_PACKAGES = tostring(var.max_packages)
     MANIFEST_TTL = tostring(var.manifest_ttl)
 
-    # The runtime has no Nix: it is fetched at a cold start, checked against the pinned
-    # hash, and keeps its store in /tmp (the only writable place, held in memory).
+    # The runtime has no Nix: a static one is fetched at the first build, checked against
+    # the pinned hash, and keeps its store in /tmp (the only writable place, held in memory).
     NIX_BOOTSTRAP_URL       = var.nix_bootstrap_url
     NIX_BOOTSTRAP_SHA256    = var.nix_bootstrap_sha256
     NIX_SUBSTITUTERS        = var.nix_substituters
@@ -118,9 +118,7 @@ resource "google_cloudfunctions2_function" "registry" {
 
   # The build and the first start need their permissions in place, not just requested.
   depends_on = [
-    google_project_iam_member.build_logs,
-    google_project_iam_member.build_reads_source,
-    google_artifact_registry_repository_iam_member.build_pushes_image,
+    time_sleep.build_permissions_propagate,
     google_project_iam_member.runtime_cache,
     google_storage_bucket_iam_member.runtime_layers,
     google_service_account_iam_member.runtime_signs_as_itself,

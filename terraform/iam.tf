@@ -41,19 +41,19 @@ resource "google_service_account" "build" {
   depends_on = [google_project_service.apis]
 }
 
-# What a function build does: write its log, read the source Cloud Functions stages in
-# the project's gcf-v2-sources bucket, push the image (and the build cache image) to the
-# function's repository. Object read is project-wide because that staging bucket is
-# created and named by Cloud Functions, not here.
+# The roles Google documents for a function's build account: write the build log; read
+# the source Cloud Functions stages in a bucket it creates and names itself, which is why
+# object access is granted on the project rather than on one bucket; push the image and
+# the build cache image (writer on the function's own repository only).
 resource "google_project_iam_member" "build_logs" {
   project = var.project
   role    = "roles/logging.logWriter"
   member  = google_service_account.build.member
 }
 
-resource "google_project_iam_member" "build_reads_source" {
+resource "google_project_iam_member" "build_objects" {
   project = var.project
-  role    = "roles/storage.objectViewer"
+  role    = "roles/storage.objectAdmin"
   member  = google_service_account.build.member
 }
 
@@ -63,4 +63,17 @@ resource "google_artifact_registry_repository_iam_member" "build_pushes_image" {
   repository = google_artifact_registry_repository.builds.name
   role       = "roles/artifactregistry.writer"
   member     = google_service_account.build.member
+}
+
+# IAM grants take a while to reach every service; a build started at once can be refused
+# the source it was just allowed to read. Google's own example for build accounts waits
+# the same way.
+resource "time_sleep" "build_permissions_propagate" {
+  create_duration = "60s"
+
+  triggers = {
+    logs    = google_project_iam_member.build_logs.id
+    objects = google_project_iam_member.build_objects.id
+    image   = google_artifact_registry_repository_iam_member.build_pushes_image.id
+  }
 }

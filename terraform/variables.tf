@@ -76,15 +76,15 @@ variable "signed_url_ttl" {
 # --- Nix -----------------------------------------------------------------------------
 
 variable "nix_bootstrap_url" {
-  description = "NIX_BOOTSTRAP_URL: the Nix release the function fetches at a cold start (the runtime has no Nix). Pinned; change together with nix_bootstrap_sha256."
+  description = "NIX_BOOTSTRAP_URL: the Nix the function fetches at its first build (the runtime has no Nix). It must be a static Nix (one executable, or a tarball holding bin/nix): the release tarballs of releases.nixos.org link against /nix/store and cannot run there. Pinned to one Hydra build of Nix's buildStatic job; change together with nix_bootstrap_sha256."
   type        = string
-  default     = "https://releases.nixos.org/nix/nix-2.34.8/nix-2.34.8-x86_64-linux.tar.xz"
+  default     = "https://hydra.nixos.org/build/252984554/download/1/nix"
 }
 
 variable "nix_bootstrap_sha256" {
-  description = "NIX_BOOTSTRAP_SHA256: hex SHA-256 of the file at nix_bootstrap_url (releases.nixos.org publishes it next to the file, as .sha256)."
+  description = "NIX_BOOTSTRAP_SHA256: hex SHA-256 of the file at nix_bootstrap_url, checked before it runs."
   type        = string
-  default     = "2c2e146b80834fe0ca201b51deeb939405b4f18e8d2071bf80b10f8123c50464"
+  default     = "38210b415219914878fecff03a2b2d11c55bc5207cf1be18f91d5234aea89d65"
 
   validation {
     condition     = can(regex("^[0-9a-f]{64}$", var.nix_bootstrap_sha256))

@@ -3,10 +3,12 @@
 Debian packages skopeo, podman, docker, containerd (ctr) and umoci; `scripts/build-tools` builds
 the rest into `.tools/bin/` from pinned Go modules:
 
-- ``crane`` (github.com/google/go-containerregistry/cmd/crane, see CRANE_VERSION there);
+- ``crane`` (github.com/google/go-containerregistry/cmd/crane v0.22.1);
 - ``conformance.test``: the OCI distribution-spec conformance suite,
   github.com/opencontainers/distribution-spec/conformance at
   v0.0.0-20231101194043-f2182352d4cc, compiled with ``go test -c``.
+
+The pinned versions live in ``scripts/build-tools``; ``TOOLS_BIN`` overrides the folder.
 
 A missing binary is an error, never a skip: the tests exist to prove the registry against real
 clients.
@@ -51,7 +53,6 @@ flags: ``-ginkgo.no-color`` (plain output for assertion messages), ``-ginkgo.v``
 13 of 14; it answers ``GET /v2/<name>/manifests/sha256:totallywrong`` with 500 where the suite
 accepts only 400 (with an OCI error body) or 404.
 """
-
 
 from __future__ import annotations
 

@@ -14,19 +14,38 @@ Load with `pytest_plugins = ["tests.fixtures_nixcache"]`.
 
 Both are real: real Nix builds the cache, real HTTP serves it. A missing tool
 fails the tests instead of skipping them.
+
+`CloudFunction` starts one function instance as Cloud Functions runs it:
+functions-framework with entry point `registry`, as `nobody`, from a root-owned
+read-only copy of the source (`make_function_source`), HOME unwritable, PATH
+empty (no Nix but the bootstrapped one), and /tmp a fresh private tmpfs (a mount
+namespace of its own) as the only writable place, like the function's
+memory-backed /tmp. The Python is the machine's /usr/bin/python3 with the
+project's installed packages on PYTHONPATH (the development virtualenv's
+interpreter lives under /root, which `nobody` cannot enter), as Cloud Functions
+installs requirements.txt next to the source.
 """
 from __future__ import annotations
 
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import subprocess
+import sys
+import sysconfig
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hcl2
 import pytest
+import requests
+
+from tests.registry_process import RegistryProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "nix" / "demo"
@@ -36,6 +55,10 @@ MAKE_ARTEFACT = REPO / "scripts" / "make-nix-artefact"
 CACHED_PACKAGES = ("hello", "coreutils", "busybox", "bashInteractive", "cacert", "iana-etc")
 # In the demo set, builds fine, yet not in the cache.
 UNCACHED_PACKAGE = "goodbye"
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+NOBODY = 65534
+TMPFS_SIZE = "4g"  # an upper bound like the function's memory; only what is written uses memory
 
 NIX_OPTIONS = (
     "--option", "substituters", "",
@@ -132,6 +155,7 @@ def make_binary_cache(root: Path, packages=CACHED_PACKAGES) -> tuple[str, dict[s
     Returns the public key (`name:base64`) and the output path of each package.
     """
     require_tools("nix", "nix-build", "nix-store")
+    root.mkdir(parents=True, exist_ok=True)
     store = root / "build-store"  # a chroot store: nothing touches the machine's /nix
     cache = root / "cache"
     secret, public = root / "cache-key.sec", root / "cache-key.pub"
@@ -170,3 +194,130 @@ def binary_cache(tmp_path_factory) -> BinaryCache:
                           server=server)
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------
+# A function instance as Cloud Functions runs it
+
+
+def make_function_source(root: Path) -> Path:
+    """A root-owned, read-only copy of what is deployed (main.py, builder/, nix/) under `root`.
+
+    `root` must be outside /tmp (each instance gets a /tmp of its own) and readable by nobody.
+    Returns the source folder; `root/secrets` takes files the function reads, `root/empty-path`
+    is its PATH.
+    """
+    require_tools("unshare", "mount", "setpriv")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        raise RuntimeError(f"{SYSTEM_PYTHON} is needed: the function runs as nobody, who cannot reach the venv's")
+    version = run([SYSTEM_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]).stdout.strip()
+    if version != "%d.%d" % sys.version_info[:2]:
+        raise RuntimeError(f"{SYSTEM_PYTHON} is Python {version}, the venv's packages are for {sys.version}")
+    root.chmod(0o755)
+    source = root / "source"
+    source.mkdir()
+    shutil.copy2(REPO / "main.py", source / "main.py")
+    shutil.copy2(REPO / "requirements.txt", source / "requirements.txt")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "builder", source / "builder", ignore=ignore)
+    shutil.copytree(REPO / "nix", source / "nix", ignore=ignore)
+    (root / "empty-path").mkdir()
+    (root / "secrets").mkdir()
+    _read_only(source)
+    _read_only(root / "empty-path")
+    return source
+
+
+def function_root() -> Path:
+    return Path(tempfile.mkdtemp(prefix="nixery-function-", dir="/var/tmp"))
+
+
+def terraform_environment() -> dict[str, str]:
+    """The function's environment as terraform/function.tf writes it, with the variables' defaults."""
+    merged: dict = {}
+    for path in sorted((REPO / "terraform").glob("*.tf")):
+        with path.open() as f:
+            for kind, blocks in hcl2.load(f).items():
+                merged.setdefault(kind, []).extend(blocks)
+    defaults = {name: body.get("default") for block in merged["variable"] for name, body in block.items()}
+    base = next(block["base_environment"] for block in merged["locals"] if "base_environment" in block)
+    env = {}
+    for name, value in base.items():
+        match = re.fullmatch(r"\$\{(?:tostring\()?var\.(\w+)\)?\}", str(value))
+        if match:
+            value = defaults[match.group(1)]
+        env[name] = str(value)
+    return env
+
+
+def _read_only(root: Path) -> None:
+    for directory, dirs, files in os.walk(root):
+        os.chmod(directory, 0o555)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o444)
+
+
+class CloudFunction(RegistryProcess):
+    """One function instance: nobody, read-only source, a private tmpfs at /tmp.
+
+    `source_root` is a folder made by `make_function_source`; `env` the function's
+    configuration (see `terraform_environment`).
+    """
+
+    def __init__(self, state_dir: Path, source_root: Path, env: dict[str, str]):
+        super().__init__(state_dir)
+        self.source_root = source_root
+        site_packages = sysconfig.get_paths()["purelib"]
+        self.env = {
+            "PATH": str(source_root / "empty-path"),  # no Nix anywhere but the bootstrapped one
+            "HOME": "/nonexistent",
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": site_packages,
+            "PYTHONUNBUFFERED": "1",
+            # What Cloud Functions sets for a function.
+            "PORT": str(self.port),
+            "K_SERVICE": "registry",
+            "K_REVISION": "registry-00001",
+            "FUNCTION_TARGET": "registry",
+            "FUNCTION_SIGNATURE_TYPE": "http",
+            **env,
+        }
+
+    def start(self, timeout: float = 60) -> "CloudFunction":
+        # PATH is empty in there: the tools are named by their full paths.
+        inner = " ".join([
+            f"{shutil.which('mount')} -t tmpfs -o size={TMPFS_SIZE},mode=1777 tmpfs /tmp &&",
+            f"exec {shutil.which('setpriv')} --reuid={NOBODY} --regid={NOBODY} --clear-groups --",
+            f"{SYSTEM_PYTHON} -m functions_framework --target=registry --source=main.py",
+            f"--host=127.0.0.1 --port={self.port}",
+        ])
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [shutil.which("unshare"), "--mount", "--propagation", "private", "/bin/sh", "-c", inner],
+            cwd=self.source_root / "source", env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()  # the function holds its own copy
+        return self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> "CloudFunction":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"function exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"function did not start:\n{self.log_path.read_text()[-4000:]}")
+
+    def tmp(self) -> Path:
+        """The instance's /tmp, seen from outside its mount namespace."""
+        return Path(f"/proc/{self.process.pid}/root/tmp")
+
+    def tmp_used_bytes(self) -> int:
+        stat = os.statvfs(self.tmp())
+        return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+

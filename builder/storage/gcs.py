@@ -16,13 +16,16 @@ MD5. Two ways were weighed:
   skip; otherwise finalize, then copy server-side to the final key and delete
   the temporary object.
 
-This module streams. Memory stays at one chunk (`chunk_size`, 16 MiB), the
-upload overlaps packing, and throughput matches a plain `upload_from_file` of
-the same bytes (bench/bench_gcs.py, bench/RESULTS.md). A copy within one bucket
-is a metadata operation in GCS (same location and storage class), so the extra
-step costs one request, not a second transfer. A blob that fits in one chunk
-(configs, manifests, small layers) never opens a session: it goes up in one
-request straight to its final key.
+This module streams. Memory stays at one chunk (`chunk_size`, 16 MiB) instead
+of the whole layer, and the upload starts while the layer is still being
+packed. Against fake-gcs-server (bench/bench_gcs.py, bench/RESULTS.md) the
+streaming phase runs at the speed of a plain `upload_from_file` cut into the
+same chunks (ratio ~0.9); the emulator then copies the finished object to its
+final key byte by byte, which GCS does not: a copy within one bucket (same
+location and storage class) is a single rewrite call that moves no data, so
+commit() costs a few small requests, not a second transfer. A blob that fits
+in one chunk (configs, manifests, small layers) never opens a session: it goes
+up in one request straight to its final key.
 
 Integrity: the MD5 travels with the bytes (in the object metadata of a
 one-request upload, in the `x-goog-hash` of a session's last chunk), so GCS

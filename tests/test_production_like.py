@@ -1,0 +1,158 @@
+"""The function run as Cloud Functions runs it, on this machine (see tests/fixtures_nixcache.py).
+
+functions-framework with entry point `registry` and the environment
+terraform/function.tf sets, its cloud services swapped for local stand-ins:
+fake-gcs-server, the Firestore emulator, and the Nix artefact and a signed binary
+cache on loopback HTTP servers. It runs as `nobody` from a read-only copy of the
+source, and each instance gets a private, empty /tmp, where terraform's
+NIX_STORE_ROOT=/tmp/nix and WORK_DIR=/tmp/nixery are used verbatim.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.fixtures_nixcache")
+
+from tests.fixtures_nixcache import (  # noqa: E402
+    NOBODY, UNCACHED_PACKAGE, CloudFunction, function_root, make_function_source, require_tools,
+    terraform_environment,
+)
+
+pytest_plugins = ["tests.fixtures_nixcache"]
+
+
+@pytest.fixture(scope="module")
+def function_source():
+    """The deployed source, read-only, outside /tmp; yields the folder holding it."""
+    require_tools("skopeo", "umoci", "chroot")
+    root = function_root()
+    try:
+        make_function_source(root)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def function_env(function_source, tmp_path, nix_artefact, binary_cache, gcs_emulator, gcs_bucket,
+                 gcs_service_account_key, firestore_emulator) -> dict[str, str]:
+    """Terraform's environment, each cloud service swapped for its local stand-in."""
+    key = function_source / "secrets" / f"key-{gcs_bucket.name}.json"
+    shutil.copyfile(gcs_service_account_key.path, key)
+    key.chmod(0o444)  # nobody reads it: the runtime's credentials
+    env = terraform_environment()
+    env.update({
+        "GCS_BUCKET": gcs_bucket.name,
+        "GCS_SIGNING_ACCOUNT": gcs_service_account_key.email,
+        "GOOGLE_APPLICATION_CREDENTIALS": str(key),
+        **gcs_emulator.env(),
+        **firestore_emulator.env(),
+        "FIRESTORE_DATABASE": "(default)",
+        "NIX_BOOTSTRAP_URL": nix_artefact.url,
+        "NIX_BOOTSTRAP_SHA256": nix_artefact.sha256,
+        "NIX_SUBSTITUTERS": binary_cache.url,
+        "NIX_TRUSTED_PUBLIC_KEYS": binary_cache.public_key,
+        # nixpkgs in production; the demo set here (read-only, in the deployed source).
+        "NIXERY_PKGS_PATH": str(function_source / "source" / "nix" / "demo"),
+    })
+    assert env["NIX_STORE_ROOT"].startswith("/tmp/") and env["WORK_DIR"].startswith("/tmp/")
+    assert env["NIX_MAX_JOBS"] == "0"
+    return env
+
+
+@pytest.fixture
+def start_function(function_source, tmp_path):
+    started: list[CloudFunction] = []
+
+    def start(env: dict[str, str]) -> CloudFunction:
+        process = CloudFunction(tmp_path / f"instance{len(started)}", function_source, env)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def skopeo_copy(function: CloudFunction, image: str, layout: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{function.host}/{image}", f"oci:{layout}:latest"],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def error_of(response) -> dict:
+    return response.json()["errors"][0]
+
+
+def test_cold_instance_bootstraps_nix_builds_and_a_fresh_instance_serves_without_nix(
+    start_function, function_env, tmp_path, binary_cache, nix_artefact
+):
+    first = start_function(function_env)
+    assert first.events("nix-bootstrap") == []  # nothing at start-up: Nix comes with the first build
+
+    layout = tmp_path / "oci"
+    pulled = skopeo_copy(first, "hello", layout)
+    assert pulled.returncode == 0, pulled.stderr + first.log_path.read_text()[-3000:]
+
+    bundle = tmp_path / "bundle"
+    unpacked = subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)],
+                              capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    ran = subprocess.run(["chroot", str(bundle / "rootfs"), "/bin/hello"], capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout) == (0, "Hello, world!\n"), ran.stderr
+
+    [booted] = first.events("nix-bootstrap")
+    assert booted["result"] == "ready" and booted["sha256"] == nix_artefact.sha256
+    [built] = first.events("nix-build")
+    assert built["result"] == "built"
+    # The store and the work files live in the instance's /tmp, owned by nobody.
+    tmp = first.tmp()
+    hello_on_disk = tmp / "nix" / binary_cache.store_paths["hello"].lstrip("/") / "bin" / "hello"
+    assert hello_on_disk.is_file()
+    assert (tmp / "nixery" / "nix-bootstrap").stat().st_uid == NOBODY
+    assert binary_cache.server.count(".nar.xz") + binary_cache.server.count(".nar") > 0
+    print("cold instance:", json.dumps({
+        "bootstrap": booted["duration"], "build": built["duration"], "nix": built.get("nix_seconds"),
+        "tmp_used_bytes": first.tmp_used_bytes(),
+    }))
+
+    # A fresh instance (its own empty /tmp) serves the cached image from Firestore and GCS alone.
+    second = start_function(function_env)
+    again = skopeo_copy(second, "hello", tmp_path / "oci2")
+    assert again.returncode == 0, again.stderr
+    assert second.events("nix-bootstrap") == [] and second.events("nix-build") == []
+    assert not (second.tmp() / "nixery" / "nix-bootstrap").exists()
+    assert not (second.tmp() / "nix").exists()
+    first_index = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    second_index = json.loads((tmp_path / "oci2" / "index.json").read_text())["manifests"][0]["digest"]
+    assert first_index == second_index
+
+
+def test_a_package_missing_from_the_binary_cache_is_a_clear_4xx(start_function, function_env):
+    function = start_function(function_env)
+    response = function.get(f"/v2/{UNCACHED_PACKAGE}/manifests/latest")
+    assert 400 <= response.status_code < 500, response.text
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert UNCACHED_PACKAGE in error["message"] and "binary cache" in error["message"]
+
+
+def test_a_wrong_artefact_checksum_is_refused_before_anything_runs(start_function, function_env, nix_artefact):
+    wrong = "0" * 64
+    function = start_function({**function_env, "NIX_BOOTSTRAP_SHA256": wrong})
+    response = function.get("/v2/hello/manifests/latest")
+    assert response.status_code == 500, response.text
+    [refused] = function.events("nix-bootstrap")
+    assert refused["severity"] == "ERROR" and refused["result"] == "failed"
+    assert nix_artefact.sha256 in refused["message"] and wrong in refused["message"]
+    # Nothing was unpacked and Nix never ran: no store, no build.
+    bootstrap_dir = function.tmp() / "nixery" / "nix-bootstrap"
+    assert not list(bootstrap_dir.rglob("bin")) and not list(bootstrap_dir.rglob("unpacked"))
+    assert not (function.tmp() / "nix").exists()
+    assert [e for e in function.events("nix-build") if e.get("result") == "built"] == []
