@@ -4,7 +4,7 @@ import pytest
 
 from tests.registry_process import RegistryProcess
 
-pytest_plugins = ["tests.fixtures_gcs", "tests.fixtures_firestore"]
+pytest_plugins = ["tests.fixtures_gcs", "tests.fixtures_firestore", "tests.fixtures_nixcache"]
 
 
 @pytest.fixture

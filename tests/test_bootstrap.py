@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("tests.fixtures_nixcache")
-
-from builder import bootstrap, nix, sources  # noqa: E402
-from builder.config import Config  # noqa: E402
-from builder.errors import ServerError  # noqa: E402
-from tests.fixtures_nixcache import DEMO, UNCACHED_PACKAGE, FileServer  # noqa: E402
-
-pytest_plugins = ["tests.fixtures_nixcache"]
+from builder import bootstrap, nix, sources
+from builder.config import Config
+from builder.errors import ServerError
+from tests.fixtures_nixcache import DEMO, UNCACHED_PACKAGE, FileServer
 
 
 class Log:

@@ -15,8 +15,6 @@ import pytest
 from builder.cache import BuildLease, ImageRecord, LayerRecord, ManifestRef
 from builder.cache.memory import MemoryCache
 
-pytest_plugins = ["tests.fixtures_firestore"]
-
 NOW = 1_700_000_000.0
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"

@@ -16,8 +16,6 @@ from builder.cache import BuildLease, ImageRecord, LayerRecord, ManifestRef
 from builder.cache.firestore import FirestoreCache, FirestoreUnavailable
 from builder.config import Config, open_cache
 
-pytest_plugins = ["tests.fixtures_firestore"]
-
 NOW = 1_700_000_000.0
 
 
@@ -105,7 +103,7 @@ def test_open_cache_from_configuration(firestore_env, client):
         }
     )
     cache = open_cache(config)
-    assert isinstance(cache, FirestoreCache)
+    assert isinstance(cache.inner, FirestoreCache)  # behind this instance's memory
     cache.put_image(image("git:latest"))
     doc = hashlib.sha256(b"git:latest").hexdigest()
     assert client.collection("cfg-manifests").document(doc).get().exists
@@ -115,7 +113,7 @@ def test_gcs_storage_defaults_to_firestore_cache(firestore_env):
     config = Config.from_env(
         {"NIXERY_STORAGE_BACKEND": "gcs", "GCS_BUCKET": "b", "FIRESTORE_PROJECT": firestore_env["FIRESTORE_PROJECT"]}
     )
-    assert isinstance(open_cache(config), FirestoreCache)
+    assert isinstance(open_cache(config).inner, FirestoreCache)
 
 
 class PausingCache(FirestoreCache):

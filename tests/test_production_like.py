@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("tests.fixtures_nixcache")
-
-from tests.fixtures_nixcache import (  # noqa: E402
+from tests.fixtures_nixcache import (
     NOBODY, UNCACHED_PACKAGE, CloudFunction, function_root, make_function_source, require_tools,
     terraform_environment,
 )
-
-pytest_plugins = ["tests.fixtures_nixcache"]
 
 
 @pytest.fixture(scope="module")
