@@ -88,6 +88,7 @@ class Config:
     firestore_database: str = "(default)"  # FIRESTORE_DATABASE
     firestore_prefix: str = "nixery-"  # FIRESTORE_COLLECTION_PREFIX: collections <prefix>manifests, layers, builds
     memory_cache_entries: int = 10000  # MEMORY_CACHE_ENTRIES: records this instance keeps in memory
+    manifest_memory_bytes: int = 32 << 20  # MANIFEST_MEMORY_BYTES: manifests this instance keeps in memory
 
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -139,6 +140,7 @@ class Config:
             firestore_database=env.get("FIRESTORE_DATABASE", cls.firestore_database),
             firestore_prefix=env.get("FIRESTORE_COLLECTION_PREFIX", cls.firestore_prefix),
             memory_cache_entries=_int(env, "MEMORY_CACHE_ENTRIES", cls.memory_cache_entries),
+            manifest_memory_bytes=_int(env, "MANIFEST_MEMORY_BYTES", cls.manifest_memory_bytes),
             env=env,
         )
         config.validate()

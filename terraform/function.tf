@@ -28,6 +28,15 @@ locals {
     WORK_DIR                = "/tmp/nixery"
   }
 
+  # functions-framework's server (gunicorn): Python runs one thread at a time per process,
+  # so one worker process per vCPU, the instance's request concurrency split between them.
+  # Builds in different workers meet in the Firestore build lease and the shared Nix store.
+  workers = max(1, floor(tonumber(var.cpu)))
+  server_environment = {
+    WORKERS = tostring(local.workers)
+    THREADS = tostring(ceil(var.concurrency / local.workers))
+  }
+
   # Exactly one is set (checked below); the other stays unset rather than empty.
   package_source_environment = {
     NIXERY_CHANNEL   = var.nixpkgs_channel
@@ -36,6 +45,7 @@ locals {
 
   function_environment = merge(
     local.base_environment,
+    local.server_environment,
     { for name, value in local.package_source_environment : name => value if value != "" },
     var.extra_environment,
   )

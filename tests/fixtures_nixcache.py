@@ -28,6 +28,7 @@ installs requirements.txt next to the source.
 from __future__ import annotations
 
 import hashlib
+import math
 import http.server
 import os
 import re
@@ -247,6 +248,9 @@ def terraform_environment() -> dict[str, str]:
         if match:
             value = defaults[match.group(1)]
         env[name] = str(value)
+    # local.server_environment, evaluated as terraform does (tests/test_terraform.py pins its text).
+    workers = max(1, math.floor(float(defaults["cpu"])))
+    env.update(WORKERS=str(workers), THREADS=str(math.ceil(int(defaults["concurrency"]) / workers)))
     return env
 
 

@@ -235,6 +235,15 @@ def test_second_pull_runs_no_nix_and_expired_entries_rebuild(start_registry):
     assert builds[1]["layers_packed"] == 0, "layers already stored are not packed again"
 
 
+def test_a_manifest_is_served_only_with_the_bytes_its_digest_names(start_registry, tmp_path):
+    state = tmp_path / "state"
+    digest = start_registry(state_dir=state).get("/v2/goodbye/manifests/latest", headers=OCI).headers["Docker-Content-Digest"]
+    stored = next((state / "storage").rglob(digest.split(":")[1]))
+    stored.write_bytes(stored.read_bytes() + b"\n")  # still a valid manifest, no longer the digest's
+    assert_error(start_registry(state_dir=state).get(f"/v2/goodbye/manifests/{digest}", headers=OCI),
+                 404, "MANIFEST_UNKNOWN", digest)
+
+
 def test_two_cold_builds_give_the_same_digests(start_registry):
     a = start_registry().get("/v2/shell/hello/manifests/latest", headers=OCI)
     b = start_registry().get("/v2/shell/hello/manifests/latest", headers=OCI)

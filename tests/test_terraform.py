@@ -190,8 +190,19 @@ def test_the_function_gets_the_whole_environment():
     env = one(function()["service_config"])["environment_variables"]
     assert env == "${local.function_environment}"
     merged = local("function_environment")
-    for part in ("local.base_environment", "local.package_source_environment", "var.extra_environment"):
+    for part in ("local.base_environment", "local.server_environment", "local.package_source_environment",
+                 "var.extra_environment"):
         assert part in merged
+
+
+def test_the_server_uses_every_vcpu_and_serves_the_instance_concurrency():
+    # functions-framework reads WORKERS and THREADS; one Python process per vCPU.
+    server = local("server_environment")
+    assert set(server) == {"WORKERS", "THREADS"}
+    assert local("workers") == "${max(1, floor(tonumber(var.cpu)))}"
+    assert server["WORKERS"] == "${tostring(local.workers)}"
+    assert server["THREADS"] == "${tostring(ceil(var.concurrency / local.workers))}"
+    assert (int(resolve("${var.cpu}")), int(resolve("${var.concurrency}"))) == (2, 16)
 
 
 def test_exactly_one_package_source_by_default():
