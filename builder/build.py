@@ -48,6 +48,7 @@ def nix_settings(config: Config, bin_dir: str | None) -> nix.NixSettings:
         substituters=config.nix_substituters,
         trusted_public_keys=config.nix_trusted_public_keys,
         max_jobs=config.nix_max_jobs,
+        store_lock=os.path.join(config.work_dir, "store.lock"),
     )
 
 
@@ -201,7 +202,28 @@ class ImageBuilder:
         self.log("nix-build", f"built {request.name}", result="built", duration=round(time.monotonic() - started, 3),
                  nix_seconds=round(nix_seconds, 3), layers=len(image_layers), layers_packed=packed,
                  store_paths=len(closure.paths), **fields)
+        self._collect_garbage_when_full()
         return record
+
+    def _collect_garbage_when_full(self) -> None:
+        """Keep the store under NIX_GC_ABOVE_BYTES: on the function it lives in /tmp, in memory.
+
+        Runs after the image is stored and recorded, so a failure costs nothing but a log line.
+        """
+        limit = self.config.nix_gc_above_bytes
+        if limit <= 0:
+            return
+        settings = self.nix_settings()
+        try:
+            before = nix.store_bytes_used(settings)
+            if before <= limit:
+                return
+            started = time.monotonic()
+            if nix.collect_garbage(settings):
+                self.log("nix-gc", "collected garbage in the Nix store", bytes_before=before,
+                         bytes_after=nix.store_bytes_used(settings), duration=round(time.monotonic() - started, 3))
+        except (OSError, nix.NixError) as e:
+            self.log("nix-gc", f"garbage collection failed: {e}", severity="WARNING", error=str(e))
 
     def _store_layer(self, plan: layers.LayerPlan) -> tuple[manifest.Layer, bool]:
         layer_key = f"{plan.key}:{self.config.compression}"

@@ -69,6 +69,7 @@ class Config:
     nix_substituters: str = ""  # NIX_SUBSTITUTERS
     nix_trusted_public_keys: str = ""  # NIX_TRUSTED_PUBLIC_KEYS
     nix_max_jobs: str = "auto"  # NIX_MAX_JOBS: 0 = substitute only, never compile
+    nix_gc_above_bytes: int = 0  # NIX_GC_ABOVE_BYTES: collect garbage after a build above this; 0 never
     work_dir: str = "/tmp/nixery"  # WORK_DIR: GC roots and scratch files
     nix_bootstrap_url: str | None = None  # NIX_BOOTSTRAP_URL: a pinned Nix artefact, fetched at the first build
     nix_bootstrap_sha256: str | None = None  # NIX_BOOTSTRAP_SHA256: its checksum, verified before it runs
@@ -125,6 +126,7 @@ class Config:
             nix_substituters=env.get("NIX_SUBSTITUTERS", ""),
             nix_trusted_public_keys=env.get("NIX_TRUSTED_PUBLIC_KEYS", ""),
             nix_max_jobs=env.get("NIX_MAX_JOBS", cls.nix_max_jobs).strip() or cls.nix_max_jobs,
+            nix_gc_above_bytes=_int(env, "NIX_GC_ABOVE_BYTES", cls.nix_gc_above_bytes),
             work_dir=env.get("WORK_DIR", cls.work_dir),
             nix_bootstrap_url=env.get("NIX_BOOTSTRAP_URL") or None,
             nix_bootstrap_sha256=env.get("NIX_BOOTSTRAP_SHA256") or None,

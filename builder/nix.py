@@ -11,12 +11,17 @@ Three steps, each one Nix command:
 3. `nix path-info --recursive --json`: the runtime closure with sizes and
    references, which is all layer grouping needs.
 
+On the function the store lives in /tmp, which is memory, and grows with every
+image an instance builds; `collect_garbage` empties it of what no build holds.
+
 Nix never reads settings from the host here: every option that changes
 behaviour is passed on the command line, so the registry behaves the same
 whatever /etc/nix/nix.conf says (or whether it exists).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -56,18 +61,10 @@ class NixSettings:
     trusted_public_keys: str = ""
     max_jobs: int | str = "auto"  # 0 = substitute only, never compile
     extra_options: tuple[tuple[str, str], ...] = ()
+    # A file every process using this store locks: builds shared, garbage collection
+    # exclusively. None: no garbage collection.
+    store_lock: str | None = None
 
-    @classmethod
-    def from_config(cls, config: Any) -> "NixSettings":
-        """Settings from a `builder.config.Config`."""
-        return cls(
-            bin_dir=config.nix_bin_dir,
-            timeout=config.nix_timeout,
-            store=config.nix_store,
-            substituters=config.nix_substituters,
-            trusted_public_keys=config.nix_trusted_public_keys,
-            max_jobs=config.nix_max_jobs,
-        )
 
 
 @dataclass(frozen=True)
@@ -468,22 +465,65 @@ def realise(
     Raises UnknownPackages, PackageFailed, NixTimeout, NixUnavailable or NixError.
     """
     deadline = _Deadline(settings.timeout)
-    resolved = resolve(list(packages), source, system, settings, deadline)
     os.makedirs(work_dir, exist_ok=True)
-    gc_root_dir = tempfile.mkdtemp(prefix="roots-", dir=work_dir)
-    try:
-        _realise(resolved, settings, gc_root_dir, deadline)
-        roots = {name: p["path"] for name, p in resolved.items()}
-        paths = _path_info(sorted(set(roots.values())), settings, deadline)
-    except BaseException:
-        _remove_roots(gc_root_dir)
-        raise
+    # The derivations written by the evaluation have no GC root until the realisation
+    # adds one, so no garbage collection may run in between.
+    with _store_lock(settings, fcntl.LOCK_SH):
+        resolved = resolve(list(packages), source, system, settings, deadline)
+        gc_root_dir = tempfile.mkdtemp(prefix="roots-", dir=work_dir)
+        try:
+            _realise(resolved, settings, gc_root_dir, deadline)
+            roots = {name: p["path"] for name, p in resolved.items()}
+            paths = _path_info(sorted(set(roots.values())), settings, deadline)
+        except BaseException:
+            _remove_roots(gc_root_dir)
+            raise
     return Closure(
         roots=roots,
         paths=paths,
         gc_root_dir=gc_root_dir,
         attrs={name: p["attr"] for name, p in resolved.items()},
     )
+
+
+@contextlib.contextmanager
+def _store_lock(settings: NixSettings, mode: int):
+    """`settings.store_lock`, taken in `mode`; BlockingIOError when `mode` has LOCK_NB and it is taken."""
+    if settings.store_lock is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(settings.store_lock), exist_ok=True)
+    with open(settings.store_lock, "a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def store_bytes_used(settings: NixSettings) -> int:
+    """Bytes used on the filesystem holding the store: on the function that is /tmp, in memory."""
+    stat = os.statvfs(settings.store or "/nix/store")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def collect_garbage(settings: NixSettings) -> bool:
+    """Delete every store path no GC root holds; False, doing nothing, while a build runs.
+
+    Images already built lose nothing: their layers are in storage. The next build
+    substitutes again what it needs (and re-fetches a package set that was collected).
+    """
+    if settings.store_lock is None:
+        raise ValueError("garbage collection needs a store lock shared with the builds")
+    try:
+        with _store_lock(settings, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            result = _run([_binary(settings, "nix-store"), "--gc", *_options(settings)],
+                          _Deadline(settings.timeout), "garbage collection")
+    except BlockingIOError:
+        return False
+    if result.returncode != 0:
+        raise NixError(error_message(result.stderr, "garbage collection failed"))
+    return True
 
 
 def _remove_roots(gc_root_dir: str) -> None:

@@ -24,6 +24,7 @@ locals {
     NIX_TRUSTED_PUBLIC_KEYS = var.nix_trusted_public_keys
     NIX_MAX_JOBS            = var.nix_max_jobs
     NIX_TIMEOUT             = tostring(var.nix_timeout)
+    NIX_GC_ABOVE_BYTES      = tostring(var.nix_gc_above_bytes)
     NIX_STORE_ROOT          = "/tmp/nix"
     WORK_DIR                = "/tmp/nixery"
   }

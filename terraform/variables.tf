@@ -116,6 +116,12 @@ variable "nix_timeout" {
   default     = 600
 }
 
+variable "nix_gc_above_bytes" {
+  description = "NIX_GC_ABOVE_BYTES: after a build, an instance empties its Nix store (in /tmp, which is memory) of everything no running build holds once /tmp holds more than this. Keep it well below memory."
+  type        = number
+  default     = 1073741824
+}
+
 # --- Function sizing -----------------------------------------------------------------
 
 variable "python_runtime" {

@@ -1,6 +1,7 @@
 """builder.nix against real Nix and the demo package set (nix/demo)."""
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -276,3 +277,24 @@ def test_uncatchable_evaluation_error(settings, tmp_path):
     with pytest.raises(UnknownPackages) as unknown:
         realise(["aborts", "nope"], path_source(copy), settings, tmp_path)
     assert unknown.value.names == ["nope"]
+
+
+def test_garbage_collection_keeps_what_builds_hold_and_waits_for_running_ones(demo, tmp_path):
+    store = tmp_path / "store"
+    settings = NixSettings(timeout=300, store=str(store), store_lock=str(tmp_path / "store.lock"))
+    held = nix.realise(["hello"], demo, SYSTEM, settings, str(tmp_path / "held"))
+    done = nix.realise(["goodbye"], demo, SYSTEM, settings, str(tmp_path / "done"))
+    shutil.rmtree(done.gc_root_dir)  # that build is over: its closure is garbage now
+    only_goodbye = set(done.paths) - set(held.paths)
+    assert only_goodbye
+
+    with open(settings.store_lock, "a") as lock:  # a build running in another process
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        assert nix.collect_garbage(settings) is False
+    assert all(Path(nix.store_path_on_disk(p, settings)).exists() for p in only_goodbye)
+
+    assert nix.collect_garbage(settings) is True
+    assert not any(Path(nix.store_path_on_disk(p, settings)).exists() for p in only_goodbye)
+    assert all(Path(nix.store_path_on_disk(p, settings)).exists() for p in held.paths)
+    again = nix.realise(["goodbye"], demo, SYSTEM, settings, str(tmp_path / "again"))
+    assert set(again.paths) == set(done.paths)

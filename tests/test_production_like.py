@@ -152,3 +152,20 @@ def test_a_wrong_artefact_checksum_is_refused_before_anything_runs(start_functio
     assert not list(bootstrap_dir.rglob("bin")) and not list(bootstrap_dir.rglob("unpacked"))
     assert not (function.tmp() / "nix").exists()
     assert [e for e in function.events("nix-build") if e.get("result") == "built"] == []
+
+
+def test_the_store_in_tmp_is_emptied_above_its_limit_and_builds_go_on(start_function, function_env, binary_cache):
+    function = start_function({**function_env, "NIX_GC_ABOVE_BYTES": "1"})
+    assert function.get("/v2/hello/manifests/latest").status_code == 200
+    [collected] = function.events("nix-gc")
+    assert collected["bytes_after"] < collected["bytes_before"]
+    store = function.tmp() / "nix" / "nix" / "store"
+    assert not (store / binary_cache.store_paths["hello"].split("/")[-1]).exists()
+
+    # The built image lost nothing; a new image needing the collected paths gets them again.
+    assert function.get("/v2/hello/manifests/latest").status_code == 200
+    layout = function.state_dir / "oci"
+    pulled = skopeo_copy(function, "coreutils/hello", layout)
+    assert pulled.returncode == 0, pulled.stderr
+    assert [b["result"] for b in function.events("nix-build")] == ["built", "built"]
+    assert len(function.events("nix-gc")) == 2

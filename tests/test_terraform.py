@@ -224,6 +224,9 @@ def test_the_defaults_make_a_valid_cloud_configuration():
     assert config.nix_substituters == "https://cache.nixos.org"
     assert config.nix_trusted_public_keys == "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
     assert config.work_dir == "/tmp/nixery" and config.nix_store == "/tmp/nix"
+    # /tmp is memory on the function: the store is collected long before the instance runs out.
+    memory = resolve(one(function()["service_config"])["available_memory"])
+    assert memory.endswith("Gi") and 0 < config.nix_gc_above_bytes <= int(memory[:-2]) * 2**30 // 2
     assert config.firestore_prefix == Config.firestore_prefix
     assert config.nix_timeout < int(resolve(one(function()["service_config"])["timeout_seconds"]))
 
