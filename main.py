@@ -2,12 +2,13 @@
 import functions_framework
 
 from builder.config import Config
-from builder.http import Registry
+from builder.http import Registry, RegistryPerProcess
 
-# Built once per instance, at start-up, so a misconfiguration fails the deploy loudly.
-_registry = Registry.from_config(Config.from_env())
+# Built at start-up, so a misconfiguration fails the deploy loudly; built again in every
+# server process forked after that, since network clients do not survive a fork.
+_registry = RegistryPerProcess(lambda: Registry.from_config(Config.from_env()))
 
 
 @functions_framework.http
 def registry(request):
-    return _registry.handle(request)
+    return _registry.get().handle(request)

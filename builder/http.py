@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import re
 import threading
 import time
 import traceback
 from collections import OrderedDict
+from typing import Callable
 
 import flask
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
@@ -225,3 +227,32 @@ Tags: <code>latest</code>, or a commit of the package source where it has commit
 </body></html>
 """
         return flask.Response(body, status=200, content_type="text/html; charset=utf-8")
+
+
+class RegistryPerProcess:
+    """One `Registry` per process, the first one made now.
+
+    The server (gunicorn) imports the function once, then forks its worker processes.
+    Storage and cache clients hold connections (HTTP pools, gRPC channels) that must not
+    be shared between processes: a forked worker makes its own on its first request.
+    """
+
+    def __init__(self, make: Callable[[], Registry]):
+        self._make = make
+        self._lock = threading.Lock()
+        self._registry: Registry | None = make()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()  # a lock held at the fork would stay held in the child
+        self._registry = None
+
+    def get(self) -> Registry:
+        registry = self._registry
+        if registry is None:
+            with self._lock:
+                if self._registry is None:
+                    self._registry = self._make()
+                registry = self._registry
+        return registry
+

