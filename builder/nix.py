@@ -66,7 +66,6 @@ class NixSettings:
     store_lock: str | None = None
 
 
-
 @dataclass(frozen=True)
 class StorePath:
     path: str  # logical /nix/store/... name

@@ -126,6 +126,44 @@ def test_docker_pull_and_run(shared_registry, dockerd):
     assert out.strip() == "ok"
 
 
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory):
+    """A containerd of its own (no CRI plugin), as Kubernetes nodes pull with it; yields ctr's arguments."""
+    root = tmp_path_factory.mktemp("containerd")
+    sock = root / "containerd.sock"
+    config = root / "config.toml"
+    config.write_text(
+        f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
+        f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{sock}"\n'
+    )
+    log = open(root / "containerd.log", "wb")
+    process = subprocess.Popen([tool("containerd"), "--config", config], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    ctr = [tool("ctr"), "--address", str(sock), "--namespace", "tests"]
+    deadline = time.monotonic() + 60
+    while run(*ctr, "version", check=False).returncode != 0:
+        assert process.poll() is None, (root / "containerd.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "containerd did not start"
+        time.sleep(0.2)
+    yield ctr
+    process.terminate()
+    process.wait(30)
+
+
+def test_containerd_pulls_by_tag_and_by_digest_and_runs(shared_registry, containerd):
+    # ctr HEADs the reference and takes the digest, size and media type from that answer.
+    image = f"{shared_registry.host}/shell/hello"
+    run(*containerd, "image", "pull", "--plain-http", f"{image}:latest")
+    out = run(*containerd, "run", "--rm", f"{image}:latest", "hello-by-tag", "hello").stdout
+    assert out == "Hello, world!\n"
+    digest = shared_registry.head("/v2/shell/hello/manifests/latest").headers["Docker-Content-Digest"]
+    run(*containerd, "image", "pull", "--plain-http", f"{image}@{digest}")
+    listed = run(*containerd, "image", "list", "--quiet").stdout.split()
+    assert f"{image}@{digest}" in listed
+    out = run(*containerd, "run", "--rm", f"{image}@{digest}", "hello-by-digest", "hello").stdout
+    assert out == "Hello, world!\n"
+
+
 def test_crane_pull_and_digest(shared_registry, tmp_path):
     crane = clients.crane()
     digest = run(crane, "digest", "--insecure", f"{shared_registry.host}/hello:latest").stdout.strip()
