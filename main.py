@@ -2,11 +2,10 @@
 import functions_framework
 
 from builder.config import Config
-from builder.http import Registry, RegistryPerProcess
+from builder.http import RegistryPerProcess
 
-# Built at start-up, so a misconfiguration fails the deploy loudly; built again in every
-# server process forked after that, since network clients do not survive a fork.
-_registry = RegistryPerProcess(lambda: Registry.from_config(Config.from_env()))
+# Made at start-up, so a misconfiguration fails the deploy loudly.
+_registry = RegistryPerProcess(Config.from_env())
 
 
 @functions_framework.http

@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from typing import Callable
 
 import flask
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
@@ -87,9 +86,10 @@ class Registry:
         self.manifests = ManifestMemory(config.manifest_memory_bytes)
 
     @classmethod
-    def from_config(cls, config: Config) -> "Registry":
+    def from_config(cls, config: Config, check_storage: bool = True) -> "Registry":
         storage = open_storage(config)
-        storage.check()
+        if check_storage:
+            storage.check()
         return cls(config, storage, ImageBuilder(config, storage, open_cache(config)))
 
     # -- dispatch --------------------------------------------------------
@@ -230,17 +230,18 @@ Tags: <code>latest</code>, or a commit of the package source where it has commit
 
 
 class RegistryPerProcess:
-    """One `Registry` per process, the first one made now.
+    """One `Registry` per process, the first one made, and its storage checked, right away.
 
     The server (gunicorn) imports the function once, then forks its worker processes.
     Storage and cache clients hold connections (HTTP pools, gRPC channels) that must not
-    be shared between processes: a forked worker makes its own on its first request.
+    be shared between processes: a forked worker makes its own on its first request,
+    without network calls (the storage was checked before the fork), so it cannot fail there.
     """
 
-    def __init__(self, make: Callable[[], Registry]):
-        self._make = make
+    def __init__(self, config: Config):
+        self._config = config
         self._lock = threading.Lock()
-        self._registry: Registry | None = make()
+        self._registry: Registry | None = Registry.from_config(config)
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -252,7 +253,6 @@ class RegistryPerProcess:
         if registry is None:
             with self._lock:
                 if self._registry is None:
-                    self._registry = self._make()
+                    self._registry = Registry.from_config(self._config, check_storage=False)
                 registry = self._registry
         return registry
-
