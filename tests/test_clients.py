@@ -1,6 +1,7 @@
 """Real registry clients pull images from the registry and run them."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,26 +95,34 @@ def test_podman_pull_and_run(shared_registry, podman_state):
     assert "Hello, world!" in out
 
 
+@contextlib.contextmanager
+def daemon(root: Path, name: str, command: list, ready: list, **run_kwargs):
+    """Run a client daemon logging into `root` until `ready` succeeds; stop it afterwards."""
+    log_path = root / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while run(*ready, check=False, **run_kwargs).returncode != 0:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 @pytest.fixture(scope="module")
 def dockerd(tmp_path_factory):
     root = tmp_path_factory.mktemp("docker")
     sock = root / "docker.sock"
-    log = open(root / "dockerd.log", "wb")
-    process = subprocess.Popen(
-        [tool("dockerd"), "--data-root", root / "data", "--exec-root", root / "exec", "--pidfile", root / "pid",
-         "-H", f"unix://{sock}", "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-masq=false",
-         "--storage-driver=overlay2"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     env = {"DOCKER_HOST": f"unix://{sock}"}
-    deadline = time.monotonic() + 60
-    while run(tool("docker"), "info", env=env, check=False).returncode != 0:
-        assert process.poll() is None, (root / "dockerd.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "dockerd did not start"
-        time.sleep(0.5)
-    yield env
-    process.terminate()
-    process.wait(30)
+    command = [tool("dockerd"), "--data-root", root / "data", "--exec-root", root / "exec", "--pidfile", root / "pid",
+               "-H", f"unix://{sock}", "--iptables=false", "--ip6tables=false", "--bridge=none", "--ip-masq=false",
+               "--storage-driver=overlay2"]
+    with daemon(root, "dockerd", command, [tool("docker"), "info"], env=env):
+        yield env
 
 
 def test_docker_pull_and_run(shared_registry, dockerd):
@@ -136,18 +145,9 @@ def containerd(tmp_path_factory):
         f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
         f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{sock}"\n'
     )
-    log = open(root / "containerd.log", "wb")
-    process = subprocess.Popen([tool("containerd"), "--config", config], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
     ctr = [tool("ctr"), "--address", str(sock), "--namespace", "tests"]
-    deadline = time.monotonic() + 60
-    while run(*ctr, "version", check=False).returncode != 0:
-        assert process.poll() is None, (root / "containerd.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "containerd did not start"
-        time.sleep(0.2)
-    yield ctr
-    process.terminate()
-    process.wait(30)
+    with daemon(root, "containerd", [tool("containerd"), "--config", config], [*ctr, "version"]):
+        yield ctr
 
 
 def test_containerd_pulls_by_tag_and_by_digest_and_runs(shared_registry, containerd):
