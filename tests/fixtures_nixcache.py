@@ -39,13 +39,11 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hcl2
 import pytest
-import requests
 
 from tests.registry_process import RegistryProcess
 
@@ -271,6 +269,8 @@ class CloudFunction(RegistryProcess):
     configuration (see `terraform_environment`).
     """
 
+    kind = "function"
+
     def __init__(self, state_dir: Path, source_root: Path, env: dict[str, str]):
         super().__init__(state_dir)
         self.source_root = source_root
@@ -305,18 +305,6 @@ class CloudFunction(RegistryProcess):
         )
         log.close()  # the function holds its own copy
         return self._wait_ready(timeout)
-
-    def _wait_ready(self, timeout: float) -> "CloudFunction":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"function exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"function did not start:\n{self.log_path.read_text()[-4000:]}")
 
     def tmp(self) -> Path:
         """The instance's /tmp, seen from outside its mount namespace."""

@@ -22,6 +22,8 @@ def free_port() -> int:
 
 
 class RegistryProcess:
+    kind = "registry"  # how errors name it
+
     def __init__(self, state_dir: Path, env: dict[str, str] | None = None, port: int | None = None):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -46,21 +48,26 @@ class RegistryProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> "RegistryProcess":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [str(FUNCTIONS_FRAMEWORK), "--target=registry", "--source=main.py", "--host=127.0.0.1", f"--port={self.port}"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.log_path, "ab") as log:  # the process holds its own copy
+            self.process = subprocess.Popen(
+                [str(FUNCTIONS_FRAMEWORK), "--target=registry", "--source=main.py", "--host=127.0.0.1",
+                 f"--port={self.port}"],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float):
+        """Returns self once /v2/ answers; raises with the log's tail if the process dies or is late."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"registry exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
+                raise RuntimeError(f"{self.kind} exited with {self.process.returncode}:\n{self.log_path.read_text()[-4000:]}")
             try:
                 if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
                     return self
             except requests.ConnectionError:
                 time.sleep(0.05)
-        raise RuntimeError(f"registry did not start:\n{self.log_path.read_text()[-4000:]}")
+        raise RuntimeError(f"{self.kind} did not start:\n{self.log_path.read_text()[-4000:]}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -16,7 +15,7 @@ import pytest
 import requests
 
 from builder.manifest import OCI_MANIFEST
-from tests.test_clients import run, skopeo_to_oci, unpack_and_run
+from tests.test_clients import skopeo_to_oci, unpack_and_run
 
 OCI = {"Accept": OCI_MANIFEST}
 DEMO = Path(__file__).resolve().parent.parent / "nix" / "demo"
