@@ -162,6 +162,33 @@ def test_failure_is_remembered_until_remember_until(cache):
     assert cache.get_build("broken").error is None
 
 
+def test_the_holder_renews_its_lease_and_keeps_others_out(cache):
+    cache.claim_build("git", "a", NOW + 30, NOW)
+    assert cache.renew_build("git", "a", NOW + 60) is True
+    # Without the renewal the lease would have expired at NOW + 30.
+    assert cache.claim_build("git", "b", NOW + 90, NOW + 45).holder == "a"
+    assert cache.get_build("git").expires_at == NOW + 60
+
+
+def test_a_holder_whose_lease_was_taken_over_cannot_renew_it(cache):
+    cache.claim_build("git", "dead", NOW + 30, NOW)
+    cache.claim_build("git", "alive", NOW + 90, NOW + 31)
+    assert cache.renew_build("git", "dead", NOW + 120) is False
+    lease = cache.get_build("git")
+    assert lease.holder == "alive" and lease.expires_at == NOW + 90
+
+
+def test_nothing_to_renew_after_release_or_failure(cache):
+    assert cache.renew_build("never", "a", NOW + 60) is False
+    cache.claim_build("git", "a", NOW + 30, NOW)
+    cache.finish_build("git", "a", None, 0)
+    assert cache.renew_build("git", "a", NOW + 60) is False
+    cache.claim_build("broken", "a", NOW + 30, NOW)
+    cache.finish_build("broken", "a", {"code": "MANIFEST_UNKNOWN", "message": "no"}, NOW + 60)
+    assert cache.renew_build("broken", "a", NOW + 600) is False
+    assert cache.get_build("broken").expires_at == NOW + 60
+
+
 def test_finish_by_a_holder_that_lost_its_lease_changes_nothing(cache):
     cache.claim_build("git", "slow", NOW + 60, NOW)
     cache.claim_build("git", "fast", NOW + 200, NOW + 61)  # "slow" counted as dead
@@ -272,6 +299,10 @@ class CountingCache:
         self._called("claim_build")
         return BuildLease(key, holder, expires_at)
 
+    def renew_build(self, key, holder, expires_at):
+        self._called("renew_build")
+        return True
+
     def get_build(self, key):
         self._called("get_build")
         return None
@@ -336,7 +367,8 @@ def test_memory_delegates_leases():
     memory.get_build("k")
     memory.finish_build("k", "h", None, NOW)
     memory.claim_build("k", "h", NOW + 1, NOW)
-    assert inner.calls == ["claim_build", "get_build", "finish_build", "claim_build"]
+    memory.renew_build("k", "h", NOW + 2)
+    assert inner.calls == ["claim_build", "get_build", "finish_build", "claim_build", "renew_build"]
 
 
 def test_memory_keeps_what_it_built_when_inner_is_down():

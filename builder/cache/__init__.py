@@ -71,6 +71,14 @@ class Cache(Protocol):
         """
         ...
 
+    def renew_build(self, key: str, holder: str, expires_at: float) -> bool:
+        """The holder's heartbeat: extend its live lease to `expires_at`.
+
+        False when `holder` no longer holds the lease (it expired and was taken over,
+        or carries a remembered failure): the caller has lost it.
+        """
+        ...
+
     def get_build(self, key: str) -> BuildLease | None: ...
 
     def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:

@@ -218,6 +218,28 @@ class FirestoreCache:
             # Another instance took it over (or released it) first: look again.
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
+    def renew_build(self, key: str, holder: str, expires_at: float) -> bool:
+        ref = self._builds.document(doc_id(key))
+        update = {"expires_at": _timestamp(expires_at), "expires_at_unix": float(expires_at)}
+        for _ in range(_CLAIM_ATTEMPTS):
+            snapshot = self._snapshot(ref)
+            if not snapshot.exists:
+                return False
+            data = snapshot.to_dict()
+            if data.get("holder") != holder or data.get("key") != key or data.get("error"):
+                return False
+            # Conditional on what we read: a takeover between read and write wins.
+            option = self._client.write_option(last_update_time=snapshot.update_time)
+            try:
+                self._call(
+                    lambda: ref.update(update, option=option, timeout=self._timeout, retry=self._retry),
+                    expected=_LOST_RACE,
+                )
+                return True
+            except _LOST_RACE:
+                pass
+        raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
+
     def get_build(self, key: str) -> BuildLease | None:
         data = self._get(self._builds.document(doc_id(key)), key)
         if data is None:

@@ -88,6 +88,9 @@ class MemoryCache:
     def claim_build(self, key: str, holder: str, expires_at: float, now: float) -> BuildLease:
         return self.inner.claim_build(key, holder, expires_at, now)
 
+    def renew_build(self, key: str, holder: str, expires_at: float) -> bool:
+        return self.inner.renew_build(key, holder, expires_at)
+
     def get_build(self, key: str) -> BuildLease | None:
         return self.inner.get_build(key)
 

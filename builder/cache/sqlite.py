@@ -78,6 +78,14 @@ class SqliteCache:
             finally:
                 self._db.execute("COMMIT")
 
+    def renew_build(self, key: str, holder: str, expires_at: float) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE builds SET expires_at = ? WHERE key = ? AND holder = ? AND error IS NULL",
+                (expires_at, key, holder),
+            )
+            return cursor.rowcount > 0
+
     def get_build(self, key: str) -> BuildLease | None:
         with self._lock:
             row = self._db.execute("SELECT holder, expires_at, error FROM builds WHERE key = ?", (key,)).fetchone()
