@@ -2,8 +2,8 @@
 
 Terraform and the Python code meet only through names: environment variables,
 the entry point, Firestore collections and fields, the bucket's temporary
-prefix. These tests parse both sides (the HCL with python-hcl2, the Python with
-`ast`) and check that the names agree, plus the security properties the
+prefix. These tests parse the HCL with python-hcl2, read the Python side from its
+declarations (builder/config.py's settings, the cache records, `ast` for constants) and check that the names agree, plus the security properties the
 deployment promises (private bucket, least-privilege identity, scale to zero).
 The offline tool checks (terraform fmt, checkov, terraform validate) live in
 scripts/check-terraform.
@@ -21,17 +21,19 @@ import hcl2
 import pytest
 
 from builder.cache import BuildLease, ImageRecord
-from builder.config import Config
+from builder.config import SETTINGS, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 TERRAFORM = ROOT / "terraform"
 BUILDER = ROOT / "builder"
 
-# Read by the code without a default, yet deliberately not set by terraform.
+# Settings without a default, yet deliberately not set by terraform.
 NOT_SET_BY_TERRAFORM = {
     "NIXERY_PKGS_PATH": "a package set on the local disk; the cloud uses a channel or a repository",
     "NIX_BIN_DIR": "where Nix lives; the function bootstraps its own from NIX_BOOTSTRAP_URL",
     "GOOGLE_CLOUD_PROJECT": "fallback for FIRESTORE_PROJECT, which terraform sets",
+    "STORAGE_EMULATOR_HOST": "tests only: the cloud talks to Google's endpoint",
+    "GOOGLE_APPLICATION_CREDENTIALS": "the function runs as its service account, with no key file",
 }
 # Alternatives: terraform sets exactly one of them (a precondition enforces it).
 PACKAGE_SOURCES = {"NIXERY_CHANNEL", "NIXERY_PKGS_REPO"}
@@ -120,70 +122,19 @@ def resolve(expression: Any) -> str:
     return expression
 
 
-@dataclasses.dataclass(frozen=True)
-class EnvRead:
-    name: str
-    has_default: bool
-    where: str
-
-
-def _receiver_is_environment(node: ast.expr) -> bool:
-    text = ast.unparse(node)
-    return text.endswith("env") or text.endswith("environ")
-
-
-def env_reads(path: Path) -> list[EnvRead]:
-    """Environment variables a module reads: `env.get("X"[, default])` on anything named
-    env or environ, `os.getenv`, `env["X"]`, and config.py's `_int/_bool/_list(env, "X", d)`."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    where = str(path.relative_to(ROOT))
-    reads: list[EnvRead] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            args = node.args
-            if isinstance(func, ast.Attribute) and func.attr == "get" and _receiver_is_environment(func.value):
-                name_arg, has_default = (args[0] if args else None), len(args) > 1 or bool(node.keywords)
-            elif isinstance(func, ast.Attribute) and func.attr == "getenv":
-                name_arg, has_default = (args[0] if args else None), len(args) > 1
-            elif isinstance(func, ast.Name) and func.id in ("_int", "_bool", "_list"):
-                name_arg, has_default = (args[1] if len(args) > 1 else None), True
-            else:
-                continue
-            if isinstance(name_arg, ast.Constant) and isinstance(name_arg.value, str):
-                reads.append(EnvRead(name_arg.value, has_default, where))
-        elif isinstance(node, ast.Subscript) and _receiver_is_environment(node.value):
-            if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
-                reads.append(EnvRead(node.slice.value, False, where))
-    return reads
-
-
-@cache
-def code_reads() -> tuple[EnvRead, ...]:
-    paths = sorted(BUILDER.rglob("*.py")) + [p for p in [ROOT / "main.py"] if p.exists()]
-    return tuple(read for path in paths for read in env_reads(path))
-
-
 # --- environment ---------------------------------------------------------------------
 
 
-def test_the_parser_finds_configs_reads():
-    names = {r.name for r in env_reads(BUILDER / "config.py")}
-    # A few of each call shape, so a parser that finds nothing cannot pass the tests below.
-    assert {"NIXERY_CHANNEL", "GCS_BUCKET", "MAX_LAYERS", "GCS_PUBLIC", "ALWAYS_INCLUDE"} <= names
+def test_every_variable_terraform_sets_is_a_declared_setting():
+    unknown = sorted(set(environment()) - set(SETTINGS))
+    assert not unknown, f"terraform sets variables builder/config.py does not declare (typos?): {unknown}"
 
 
-def test_every_variable_terraform_sets_is_one_the_code_reads():
-    read = {r.name for r in code_reads()}
-    unknown = sorted(set(environment()) - read)
-    assert not unknown, f"terraform sets variables no code reads (typos?): {unknown}"
-
-
-def test_every_variable_the_code_needs_is_set_by_terraform():
-    needed = {r.name for r in env_reads(BUILDER / "config.py") if not r.has_default}
+def test_every_setting_without_a_default_is_set_by_terraform():
+    needed = {variable for variable, f in SETTINGS.items() if f.default is None}
     missing = sorted(needed - set(environment()) - set(NOT_SET_BY_TERRAFORM))
-    assert not missing, f"config.py reads these without a default and terraform does not set them: {missing}"
-    assert set(NOT_SET_BY_TERRAFORM) <= needed | {r.name for r in code_reads()}, "stale exception list"
+    assert not missing, f"settings without a default that terraform does not set: {missing}"
+    assert set(NOT_SET_BY_TERRAFORM) <= needed, "stale exception list"
 
 
 def test_the_function_gets_the_whole_environment():

@@ -300,14 +300,13 @@ class GcsStorage:
 
     @classmethod
     def from_config(cls, config) -> "GcsStorage":
-        env = config.env
-        emulator = env.get("STORAGE_EMULATOR_HOST") or None
-        key_file = env.get("GOOGLE_APPLICATION_CREDENTIALS") or None
+        emulator = config.storage_emulator_host
+        key_file = config.google_application_credentials
         signer: google.auth.credentials.Signing | None = None
         try:
             if emulator:
                 # The emulator wants no token; a key file, when given, still signs URLs for real.
-                project = env.get("GOOGLE_CLOUD_PROJECT") or "local"
+                project = config.google_cloud_project or "local"
                 client = storage.Client(project=project, credentials=AnonymousCredentials(),
                                         client_options={"api_endpoint": emulator})
                 if key_file:
