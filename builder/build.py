@@ -64,13 +64,6 @@ def _registry_error(error: nix.NixError) -> errors.RegistryError:
     return errors.ServerError(f"Nix is not usable on this server: {error.message}")
 
 
-def _remembered(error: dict) -> errors.RegistryError:
-    cls = getattr(errors, error.get("class", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.RegistryError)):
-        cls = errors.ManifestUnknown
-    return cls(error.get("message"), error.get("detail"))
-
-
 class ImageBuilder:
     def __init__(self, config: Config, storage: Storage, cache: Cache, log: Callable[..., None] = logs.event):
         self.config = config
@@ -144,7 +137,7 @@ class ImageBuilder:
                     return record
                 return self._build_and_record(request, source, key, holder=holder)
             if lease.error is not None:
-                raise _remembered(lease.error)
+                raise errors.RegistryError.from_remembered(lease.error)
             if now > give_up:
                 raise errors.Unavailable("another instance is still building this image; try again shortly")
             time.sleep(wait)
@@ -160,7 +153,7 @@ class ImageBuilder:
             return self._build(request, source, key)
         except errors.RegistryError as e:
             if e.status < 500:
-                error_to_remember = {"class": type(e).__name__, "message": e.message, "detail": e.detail}
+                error_to_remember = e.remembered()
             self.recent_errors.append(BuildError(time.time(), request.name, e.message))
             raise
         finally:

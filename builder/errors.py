@@ -25,6 +25,16 @@ class RegistryError(Exception):
         error["detail"] = self.detail if self.detail is not None else {}
         return json.dumps({"errors": [error]}).encode()
 
+    def remembered(self) -> dict[str, Any]:
+        """The error as the cache keeps it (a failed build, briefly): its spec code, not a class name."""
+        return {"code": self.code, "message": self.message, "detail": self.detail}
+
+    @staticmethod
+    def from_remembered(error: dict[str, Any]) -> "RegistryError":
+        """The error a `remembered()` dict stands for; MANIFEST_UNKNOWN when its code is not known."""
+        cls = BY_CODE.get(error.get("code", ""), ManifestUnknown)
+        return cls(error.get("message"), error.get("detail"))
+
 
 class NameInvalid(RegistryError):
     status, code, default_message = 400, "NAME_INVALID", "invalid repository name"
@@ -36,14 +46,6 @@ class NameUnknown(RegistryError):
 
 class ManifestUnknown(RegistryError):
     status, code, default_message = 404, "MANIFEST_UNKNOWN", "manifest unknown"
-
-
-class ManifestInvalid(RegistryError):
-    status, code, default_message = 400, "MANIFEST_INVALID", "manifest invalid"
-
-
-class TagInvalid(RegistryError):
-    status, code, default_message = 400, "TAG_INVALID", "manifest tag did not match URI"
 
 
 class BlobUnknown(RegistryError):
@@ -63,14 +65,6 @@ class Unsupported(RegistryError):
     status, code, default_message = 405, "UNSUPPORTED", "the operation is unsupported"
 
 
-class Denied(RegistryError):
-    status, code, default_message = 403, "DENIED", "requested access to the resource is denied"
-
-
-class TooManyRequests(RegistryError):
-    status, code, default_message = 429, "TOOMANYREQUESTS", "too many requests"
-
-
 class ServerError(RegistryError):
     """The registry's own fault: storage unreachable, Nix missing, a bug."""
 
@@ -79,3 +73,11 @@ class ServerError(RegistryError):
 
 class Unavailable(RegistryError):
     status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
+
+
+# The spec's code -> the one class raised for it (as distribution's errcode registers them).
+BY_CODE: dict[str, type[RegistryError]] = {
+    cls.code: cls
+    for cls in (NameInvalid, NameUnknown, ManifestUnknown, BlobUnknown, DigestInvalid, RangeInvalid, Unsupported,
+                ServerError, Unavailable)
+}
