@@ -93,10 +93,26 @@ class ImageBuilder:
 
     # -- entry point ---------------------------------------------------------
 
-    def image(self, request: names.ImageRequest, tag: str) -> ImageRecord:
-        source = sources.resolve(
-            tag, channel=self.config.channel, pkgs_repo=self.config.pkgs_repo, pkgs_path=self.config.pkgs_path
+    def resolve_source(self, tag: str) -> sources.PackageSource:
+        """The package source `tag` names, moving references resolved through the shared cache."""
+        return sources.resolve(
+            tag, channel=self.config.channel, pkgs_repo=self.config.pkgs_repo, pkgs_path=self.config.pkgs_path,
+            remember=self._remember_revision, channels_url=self.config.nixpkgs_channels_url,
+            archive_url=self.config.nixpkgs_archive_url,
         )
+
+    def _remember_revision(self, key: str, lookup: Callable[[], dict]) -> dict:
+        """One instance asks where a channel or branch is; the others take its answer for REVISION_TTL."""
+        now = time.time()
+        found = self._cache_call("revision read", self.cache.get_facts, "revision", [key], now, default={})
+        if key in found:
+            return found[key].value
+        value = lookup()
+        self._cache_call("revision write", self.cache.put_facts, "revision", {key: value}, now + self.config.revision_ttl)
+        return value
+
+    def image(self, request: names.ImageRequest, tag: str) -> ImageRecord:
+        source = self.resolve_source(tag)
         key = names.image_key(request, source.identity)
         record = self.cached_image(key)
         if record is not None:

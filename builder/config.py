@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ServerError
+from .sources import NIXPKGS_ARCHIVE, NIXPKGS_CHANNELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_PACKAGES = REPO_ROOT / "nix" / "demo"
@@ -64,6 +65,10 @@ class Config:
     channel: str | None = setting("NIXERY_CHANNEL")
     pkgs_repo: str | None = setting("NIXERY_PKGS_REPO")
     pkgs_path: str | None = setting("NIXERY_PKGS_PATH")
+    # A channel's or branch's commit is shared this long before it is asked again.
+    revision_ttl: int = setting("REVISION_TTL", 600, _int)
+    nixpkgs_channels_url: str = setting("NIXPKGS_CHANNELS_URL", NIXPKGS_CHANNELS)  # serves <channel>/git-revision
+    nixpkgs_archive_url: str = setting("NIXPKGS_ARCHIVE_URL", NIXPKGS_ARCHIVE)  # the tarball of commit {rev}
 
     # Images
     always_include: tuple[str, ...] = setting("ALWAYS_INCLUDE", ("cacert", "iana-etc"), _words)
@@ -71,7 +76,7 @@ class Config:
     max_packages: int = setting("MAX_PACKAGES", 64, _int)
     max_name_length: int = setting("MAX_NAME_LENGTH", 1024, _int)
     compression: str = setting("LAYER_COMPRESSION", "gzip")  # gzip | none
-    manifest_ttl: int = setting("MANIFEST_TTL", 6 * 3600, _int)  # for moving sources (channels, branches)
+    manifest_ttl: int = setting("MANIFEST_TTL", 6 * 3600, _int)  # for sources without a commit
     pinned_manifest_ttl: int = setting("PINNED_MANIFEST_TTL", 30 * 24 * 3600, _int)  # for commits
     failure_ttl: int = setting("FAILURE_TTL", 60, _int)
     build_lease_seconds: int = setting("BUILD_LEASE_SECONDS", 0, _int)  # 0: see lease_seconds
@@ -143,6 +148,8 @@ class Config:
         return self.build_lease_seconds or self.nix_timeout + 120
 
     def validate(self) -> None:
+        if "{rev}" not in self.nixpkgs_archive_url:
+            raise ServerError("configuration: NIXPKGS_ARCHIVE_URL must hold {rev}, where the commit goes")
         if self.compression not in ("gzip", "none"):
             raise ServerError("configuration: LAYER_COMPRESSION must be gzip or none")
         if not 1 <= self.max_layers <= 120:

@@ -14,8 +14,8 @@ locals {
   firestore_database = var.create_firestore_database ? google_firestore_database.cache[0].name : var.firestore_database
 }
 
-# The cache collections whose documents expire (builder/cache): built images and build
-# leases. Firestore deletes a document some time (typically within a day) after its
+# The cache collections whose documents expire (builder/cache): built images, build
+# leases and facts (channel commits, package resolutions, closure facts). Firestore deletes a document some time (typically within a day) after its
 # expires_at passes; readers already treat expired records as absent, so this only keeps
 # the collections from growing. Layer records never expire: their blobs stay in the bucket.
 resource "google_firestore_field" "manifests_expiry" {
@@ -37,4 +37,15 @@ resource "google_firestore_field" "builds_expiry" {
   ttl_config {}
 
   depends_on = [google_firestore_field.manifests_expiry]
+}
+
+resource "google_firestore_field" "facts_expiry" {
+  project    = var.project
+  database   = local.firestore_database
+  collection = "${var.firestore_collection_prefix}facts"
+  field      = "expires_at"
+
+  ttl_config {}
+
+  depends_on = [google_firestore_field.builds_expiry]
 }

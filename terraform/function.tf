@@ -134,6 +134,7 @@ resource "google_cloudfunctions2_function" "registry" {
     google_storage_bucket_iam_member.runtime_layers,
     google_service_account_iam_member.runtime_signs_as_itself,
     google_firestore_field.builds_expiry,
+    google_firestore_field.facts_expiry,
   ]
 }
 

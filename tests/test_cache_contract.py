@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import BuildLease, ImageRecord, LayerRecord, ManifestRef
+from builder.cache import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
 from builder.cache.memory import MemoryCache
 
 NOW = 1_700_000_000.0
@@ -261,6 +261,33 @@ def test_processes_racing_for_one_key_get_one_holder(spec: BackendSpec):
     assert open_backend(spec).get_build("git").holder == winner
 
 
+# -- facts ----------------------------------------------------------------------------
+
+
+def test_facts_read_back_by_kind_and_key_in_one_batch(cache):
+    value = {"attr": "hello", "path": "/nix/store/" + "a" * 32 + "-hello", "meta": {"license": ["MIT"], "n": 3}}
+    cache.put_facts("package", {"k/1": value, "k 2": {"x": None}}, NOW + 60)
+    assert cache.get_facts("package", ["k/1", "k 2", "absent"], NOW) == {
+        "k/1": Fact(value, NOW + 60), "k 2": Fact({"x": None}, NOW + 60)}
+    # The same key under another kind is another fact.
+    assert cache.get_facts("path", ["k/1"], NOW) == {}
+    assert cache.get_facts("package", [], NOW) == {}
+
+
+def test_expired_facts_read_as_absent_and_put_replaces(cache):
+    cache.put_facts("revision", {"channel:x": {"revision": "a" * 40}}, NOW + 10)
+    assert cache.get_facts("revision", ["channel:x"], NOW + 11) == {}
+    cache.put_facts("revision", {"channel:x": {"revision": "b" * 40}}, NOW + 100)
+    assert cache.get_facts("revision", ["channel:x"], NOW + 11) == {"channel:x": Fact({"revision": "b" * 40}, NOW + 100)}
+
+
+def test_many_facts_in_one_call(cache):
+    facts = {f"/nix/store/{i:032d}-p": {"narSize": i, "references": []} for i in range(650)}
+    cache.put_facts("path", facts, NOW + 60)
+    found = cache.get_facts("path", list(facts) + ["missing"], NOW)
+    assert {k: f.value for k, f in found.items()} == facts
+
+
 # -- the memory layer's own logic (unit tests over a counting stand-in) ---------------
 
 
@@ -270,6 +297,7 @@ class CountingCache:
     def __init__(self):
         self.images: dict[str, ImageRecord] = {}
         self.layers: dict[str, LayerRecord] = {}
+        self.facts: dict[tuple[str, str], Fact] = {}
         self.calls: list[str] = []
         self.fail = False
 
@@ -309,6 +337,15 @@ class CountingCache:
 
     def finish_build(self, key, holder, error, remember_until):
         self._called("finish_build")
+
+    def get_facts(self, kind, keys, now):
+        self._called("get_facts")
+        return {k: f for k in keys if (f := self.facts.get((kind, k))) is not None and f.expires_at > now}
+
+    def put_facts(self, kind, facts, expires_at):
+        self._called("put_facts")
+        for key, value in facts.items():
+            self.facts[(kind, key)] = Fact(value, expires_at)
 
 
 def test_memory_serves_hits_without_asking_inner():
@@ -380,3 +417,15 @@ def test_memory_keeps_what_it_built_when_inner_is_down():
     assert memory.get_image("a", NOW) == image("a")
     with pytest.raises(ConnectionError):
         memory.get_image("b", NOW)
+
+
+def test_memory_keeps_facts_until_their_expiry_and_asks_only_for_the_rest():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    inner.put_facts("revision", {"a": {"revision": "1"}}, NOW + 10)
+    assert memory.get_facts("revision", ["a"], NOW) == {"a": Fact({"revision": "1"}, NOW + 10)}
+    inner.calls.clear()
+    assert memory.get_facts("revision", ["a"], NOW + 5) == {"a": Fact({"revision": "1"}, NOW + 10)}
+    assert inner.calls == []
+    assert memory.get_facts("revision", ["a", "b"], NOW + 11) == {}  # expired: asked again, with the miss
+    assert inner.calls == ["get_facts"]

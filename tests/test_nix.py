@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import nix
+from builder import nix, sources
 from builder.nix import NixSettings, PackageFailed, UnknownPackages
 from builder.sources import PackageSource
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def path_source(directory: Path) -> PackageSource:
-    return PackageSource("path", str(directory), None, f"path:{directory}", pinned=False)
+    return sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(directory))
 
 
 def fresh_demo(tmp_path: Path) -> tuple[PackageSource, str]:

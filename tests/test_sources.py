@@ -5,18 +5,25 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from builder import nix, sources
-from builder.errors import ManifestUnknown
+from builder.build import ImageBuilder
+from builder.cache.memory import MemoryCache
+from builder.cache.sqlite import SqliteCache
+from builder.config import Config
+from builder.errors import ManifestUnknown, ServerError
+from builder.storage.filesystem import FilesystemStorage
 from builder.nix import NixSettings, UnknownPackages
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "nix" / "demo"
 SYSTEM = "x86_64-linux"
 COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -107,25 +114,83 @@ def test_realise_through_git_source(repo, tmp_path):
     assert closure.roots["branchOnly"].endswith("-branch-only")
 
 
-def test_path_source_only_has_latest():
+def test_path_source_only_has_latest_and_its_revision_is_a_content_hash(tmp_path):
     source = sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(DEMO))
-    assert source == sources.PackageSource("path", str(DEMO), None, f"path:{DEMO}", pinned=False)
+    digest = source.revision
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
+    assert source == sources.PackageSource("path", str(DEMO), digest, f"path:{DEMO}@{digest}", pinned=False)
     assert source.to_nix() == {"kind": "path", "path": str(DEMO)}
     with pytest.raises(ManifestUnknown):
         sources.resolve("v1", channel=None, pkgs_repo=None, pkgs_path=str(DEMO))
+    # The same files elsewhere are the same revision; a changed file is another one.
+    copy = tmp_path / "copy"
+    shutil.copytree(DEMO, copy)
+    assert sources.content_hash(str(copy)) == digest
+    default = copy / "default.nix"
+    default.write_text(default.read_text() + "\n")
+    assert sources.content_hash(str(copy)) != digest
+    (copy / "default.nix").write_text((DEMO / "default.nix").read_text())
+    assert sources.content_hash(str(copy)) == digest
+    (copy / "new.nix").write_text("{ }")
+    assert sources.content_hash(str(copy)) != digest
 
 
-def test_channel_tags():
-    latest = sources.resolve("latest", channel="nixos-unstable", pkgs_repo=None, pkgs_path=None)
-    assert latest.location == "https://github.com/NixOS/nixpkgs/archive/nixos-unstable.tar.gz"
-    assert latest.identity == "channel:nixos-unstable" and not latest.pinned
-    pinned = sources.resolve(COMMIT_A, channel="nixos-unstable", pkgs_repo=None, pkgs_path=None)
-    assert pinned.location == f"https://github.com/NixOS/nixpkgs/archive/{COMMIT_A}.tar.gz"
-    assert pinned.identity == f"channel:{COMMIT_A}" and pinned.pinned and pinned.revision == COMMIT_A
+def channel_dir(tmp_path: Path, **channels: str) -> str:
+    """A folder served like channels.nixos.org: <channel>/git-revision."""
+    root = tmp_path / "channels"
+    for name, commit in channels.items():
+        (root / name.replace("_", "-")).mkdir(parents=True, exist_ok=True)
+        (root / name.replace("_", "-") / "git-revision").write_text(commit + "\n")
+    return f"file://{root}"
+
+
+def test_channel_tags_resolve_to_commits_and_fetch_by_commit(tmp_path):
+    url = channel_dir(tmp_path, nixos_unstable=COMMIT_A)
+    archive = "https://example.org/archive/{rev}.tar.gz"
+    latest = sources.resolve("latest", channel="nixos-unstable", pkgs_repo=None, pkgs_path=None,
+                             channels_url=url, archive_url=archive)
+    assert latest.location == f"https://example.org/archive/{COMMIT_A}.tar.gz"
+    assert (latest.revision, latest.identity, latest.pinned) == (COMMIT_A, f"channel:{COMMIT_A}", True)
+    pinned = sources.resolve(COMMIT_B, channel="nixos-unstable", pkgs_repo=None, pkgs_path=None)
+    assert pinned.location == f"https://github.com/NixOS/nixpkgs/archive/{COMMIT_B}.tar.gz"
+    assert pinned.identity == f"channel:{COMMIT_B}" and pinned.pinned and pinned.revision == COMMIT_B
     commit_channel = sources.resolve("latest", channel=COMMIT_A, pkgs_repo=None, pkgs_path=None)
-    assert commit_channel.pinned
+    assert commit_channel.pinned and commit_channel.revision == COMMIT_A
     with pytest.raises(ManifestUnknown):
         sources.resolve("nixos-23.05", channel="nixos-unstable", pkgs_repo=None, pkgs_path=None)
+    with pytest.raises(ServerError, match="cannot resolve channel 'nixos-99.99'"):
+        sources.resolve("latest", channel="nixos-99.99", pkgs_repo=None, pkgs_path=None, channels_url=url)
+
+
+def test_moving_references_go_through_remember():
+    asked = []
+
+    def remember(key, lookup):
+        asked.append(key)
+        return {"revision": COMMIT_B}
+
+    source = sources.resolve("latest", channel="nixos-unstable", pkgs_repo=None, pkgs_path=None,
+                             remember=remember, channels_url="https://channels.example")
+    assert source.revision == COMMIT_B and asked == ["channel:https://channels.example/nixos-unstable"]
+    source = sources.resolve("main", channel=None, pkgs_repo="https://git.example/pkgs", pkgs_path=None,
+                             remember=remember)
+    assert source.revision == COMMIT_B and asked[-1] == "git:https://git.example/pkgs#main"
+
+
+def test_instances_share_a_channels_commit_until_it_expires(tmp_path):
+    """Two instances over one cache build the same commit; after REVISION_TTL the channel is asked again."""
+    url = channel_dir(tmp_path, nixos_unstable=COMMIT_A)
+    env = {"NIXERY_CHANNEL": "nixos-unstable", "NIXPKGS_CHANNELS_URL": url, "REVISION_TTL": "1",
+           "WORK_DIR": str(tmp_path / "work")}
+    shared = SqliteCache(str(tmp_path / "cache.sqlite"))
+    first = ImageBuilder(Config.from_env(env), FilesystemStorage(str(tmp_path / "s")), MemoryCache(shared))
+    second = ImageBuilder(Config.from_env(env), FilesystemStorage(str(tmp_path / "s")), MemoryCache(shared))
+    assert first.resolve_source("latest").revision == COMMIT_A
+    channel_dir(tmp_path, nixos_unstable=COMMIT_B)  # the channel moves
+    assert second.resolve_source("latest").revision == COMMIT_A
+    time.sleep(1.1)
+    assert second.resolve_source("latest").revision == COMMIT_B
+    assert first.resolve_source("latest").revision == COMMIT_B
 
 
 def test_realise_through_tarball_channel(tmp_path):

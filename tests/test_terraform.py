@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import hcl2
 import pytest
 
-from builder.cache import BuildLease, ImageRecord
+from builder.cache import BuildLease, Fact, ImageRecord
 from builder.config import SETTINGS, Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,13 +199,14 @@ def test_ttl_policies_match_the_cache_records():
     fields = resources("google_firestore_field")
     expiring = {body["collection"]: body for body in fields.values() if "ttl_config" in body}
     prefix = "${var.firestore_collection_prefix}"
-    assert set(expiring) == {prefix + "manifests", prefix + "builds"}
+    assert set(expiring) == {prefix + "manifests", prefix + "builds", prefix + "facts"}
     for body in expiring.values():
         assert body["field"] == "expires_at"
         assert body["database"] == "${local.firestore_database}"
     # The field the records carry, for images and for build leases.
     assert "expires_at" in {f.name for f in dataclasses.fields(ImageRecord)}
     assert "expires_at" in {f.name for f in dataclasses.fields(BuildLease)}
+    assert "expires_at" in {f.name for f in dataclasses.fields(Fact)}
     assert variables()["firestore_collection_prefix"]["default"] == Config.firestore_prefix
     assert environment()["FIRESTORE_COLLECTION_PREFIX"] == "${var.firestore_collection_prefix}"
 
@@ -215,7 +216,7 @@ def test_firestore_backend_uses_these_collections():
     if not path.exists():
         pytest.skip("builder/cache/firestore.py is not written yet")
     strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    assert {"manifests", "builds", "expires_at"} <= strings
+    assert {"manifests", "builds", "facts", "expires_at"} <= strings
 
 
 def test_firestore_database_is_native_mode():

@@ -1,4 +1,4 @@
-"""The build cache: images built recently, layers already stored, build leases.
+"""The build cache: images built recently, layers already stored, build leases, facts.
 
 Two caches carried over from the seed (manifests built recently, layers
 already uploaded) plus the leases that let many instances run one build per
@@ -7,11 +7,16 @@ image. A backend offers exactly this interface; `open_cache` (in
 optimisation: callers treat a failing backend as a miss and build anyway.
 
 Records are written only after every blob they point at is stored.
+
+Facts are small JSON documents about package sources that other instances would
+otherwise have to ask the network or Nix for again (see builder/resolution.py):
+which commit a moving channel is at, what a package attribute resolved to, a store
+path's closure facts. Each has a kind, a key and an expiry; readers ignore expired ones.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Mapping, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,14 @@ class BuildLease:
     error: dict | None = field(default=None)  # a failed build's error, remembered briefly
 
 
+@dataclass(frozen=True)
+class Fact:
+    """One fact about a package source (JSON-serialisable `value`), live until `expires_at`."""
+
+    value: dict
+    expires_at: float  # unix seconds; readers treat an expired fact as absent
+
+
 class Cache(Protocol):
     def get_image(self, key: str, now: float) -> ImageRecord | None: ...
 
@@ -83,4 +96,12 @@ class Cache(Protocol):
 
     def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:
         """Release the lease; with an error, keep it until `remember_until` for waiters and retries."""
+        ...
+
+    def get_facts(self, kind: str, keys: Sequence[str], now: float) -> dict[str, Fact]:
+        """The live facts of `kind` among `keys`, in one round trip; absent keys are left out."""
+        ...
+
+    def put_facts(self, kind: str, facts: Mapping[str, dict], expires_at: float) -> None:
+        """Write (or replace) facts of `kind`, each a JSON-serialisable dict, live until `expires_at`."""
         ...

@@ -1,6 +1,7 @@
 """The shared cache for deployments: Firestore (native mode), one database for all instances.
 
-Three collections, named `<prefix>manifests`, `<prefix>layers` and `<prefix>builds`.
+Four collections, named `<prefix>manifests`, `<prefix>layers`, `<prefix>builds` and
+`<prefix>facts` (facts: the kind, key, expiry and the value as a JSON string).
 Document IDs are SHA-256 hex digests of the cache keys: keys are image names of up
 to a kilobyte and may hold `/`, which Firestore IDs cannot. Each document keeps its
 key too, and reads compare it, so a record never answers for another key.
@@ -32,17 +33,20 @@ import hashlib
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, if_transient_error
 
 from ..errors import Unavailable
-from . import BuildLease, ImageRecord, LayerRecord, ManifestRef
+from . import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
 
 DEFAULT_TIMEOUT = 3.0  # seconds per RPC, retries included; a cold connection takes over 1 s
 DEFAULT_COOLDOWN = 5.0  # seconds without Firestore calls after one failed to reach it
 _CLAIM_ATTEMPTS = 8  # create / read / take over rounds before giving up on a churning lease
+# A document holds at most 1 MiB; a larger fact is not shared (it is an optimisation).
+_FACT_MAX_BYTES = 900_000
+_BATCH = 300  # documents per batched read or write (Firestore allows 500 writes per batch)
 
 T = TypeVar("T")
 
@@ -100,6 +104,7 @@ class FirestoreCache:
         self._manifests = client.collection(f"{prefix}manifests")
         self._layers = client.collection(f"{prefix}layers")
         self._builds = client.collection(f"{prefix}builds")
+        self._facts = client.collection(f"{prefix}facts")
 
     @classmethod
     def from_config(cls, config: Any) -> "FirestoreCache":
@@ -176,6 +181,54 @@ class FirestoreCache:
         }
         ref = self._layers.document(doc_id(record.key))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
+
+    # -- facts --------------------------------------------------------------------
+
+    def get_facts(self, kind: str, keys: Sequence[str], now: float) -> dict[str, Fact]:
+        wanted = {doc_id(f"{kind}\0{key}"): key for key in dict.fromkeys(keys)}
+        found: dict[str, Fact] = {}
+        ids = list(wanted)
+        for start in range(0, len(ids), _BATCH):
+            refs = [self._facts.document(i) for i in ids[start:start + _BATCH]]
+            snapshots = self._call(lambda: list(self._client.get_all(refs, timeout=self._timeout, retry=self._retry)))
+            for snapshot in snapshots:
+                if not snapshot.exists:
+                    continue
+                data = snapshot.to_dict() or {}
+                key = wanted.get(snapshot.id)
+                if key is None or data.get("kind") != kind or data.get("key") != key:
+                    continue  # a foreign document: not this key's fact
+                fact = self._decode(lambda: Fact(json.loads(data["value"]), _unix(data)), key)
+                if fact.expires_at > now:
+                    found[key] = fact
+        return found
+
+    def put_facts(self, kind: str, facts: Mapping[str, dict], expires_at: float) -> None:
+        documents = []
+        for key, value in facts.items():
+            text = json.dumps(value, sort_keys=True)
+            if len(text) + len(key) > _FACT_MAX_BYTES:
+                continue
+            documents.append((doc_id(f"{kind}\0{key}"), {
+                "kind": kind, "key": key, "value": text,
+                "expires_at": _timestamp(expires_at), "expires_at_unix": float(expires_at),
+            }))
+        # A commit carries at most 500 writes and 10 MiB: cut the batches well below both.
+        chunks: list[list] = [[]]
+        size = 0
+        for ident, document in documents:
+            if len(chunks[-1]) >= _BATCH or size + len(document["value"]) > 4 * _FACT_MAX_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((ident, document))
+            size += len(document["value"])
+        for chunk in chunks:
+            if not chunk:
+                continue
+            batch = self._client.batch()
+            for ident, document in chunk:
+                batch.set(self._facts.document(ident), document)
+            self._call(lambda: batch.commit(timeout=self._timeout, retry=self._retry))
 
     # -- build leases -----------------------------------------------------------
 

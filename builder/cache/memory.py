@@ -4,15 +4,16 @@ Image and layer records never change once written (an image key names its
 packages and source; a layer key names its store paths), so an instance may keep
 them until the image record's `expires_at` without asking the shared cache again.
 Misses are not remembered: another instance may build the image a moment later.
-Build leases change all the time and are always delegated.
+Build leases change all the time and are always delegated. Facts are kept until
+their own `expires_at` (a moving channel's commit only briefly).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Generic, TypeVar
+from typing import Generic, Mapping, Sequence, TypeVar
 
-from . import BuildLease, Cache, ImageRecord, LayerRecord
+from . import BuildLease, Cache, Fact, ImageRecord, LayerRecord
 
 V = TypeVar("V")
 
@@ -54,6 +55,7 @@ class MemoryCache:
         self.inner = inner
         self._images: _Lru[ImageRecord] = _Lru(max_entries)
         self._layers: _Lru[LayerRecord] = _Lru(max_entries)
+        self._facts: _Lru[Fact] = _Lru(max_entries)
 
     def get_image(self, key: str, now: float) -> ImageRecord | None:
         record = self._images.get(key)
@@ -96,3 +98,24 @@ class MemoryCache:
 
     def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:
         self.inner.finish_build(key, holder, error, remember_until)
+
+    def get_facts(self, kind: str, keys: Sequence[str], now: float) -> dict[str, Fact]:
+        found: dict[str, Fact] = {}
+        missing = []
+        for key in dict.fromkeys(keys):
+            held = self._facts.get(f"{kind}\0{key}")
+            if held is not None and held.expires_at > now:
+                found[key] = held
+            else:
+                missing.append(key)
+        if missing:
+            for key, fact in self.inner.get_facts(kind, missing, now).items():
+                self._facts.put(f"{kind}\0{key}", fact)
+                found[key] = fact
+        return found
+
+    def put_facts(self, kind: str, facts: Mapping[str, dict], expires_at: float) -> None:
+        # Remembered before the shared write, like images: true even if the shared cache is down.
+        for key, value in facts.items():
+            self._facts.put(f"{kind}\0{key}", Fact(value, expires_at))
+        self.inner.put_facts(kind, facts, expires_at)

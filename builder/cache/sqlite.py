@@ -9,13 +9,16 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from . import BuildLease, ImageRecord, LayerRecord, ManifestRef
+from . import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS builds (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL, error TEXT);
+CREATE TABLE IF NOT EXISTS facts (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL NOT NULL,
+                                  PRIMARY KEY (kind, key));
 """
 
 
@@ -100,3 +103,28 @@ class SqliteCache:
                     "UPDATE builds SET error = ?, expires_at = ? WHERE key = ? AND holder = ?",
                     (json.dumps(error), remember_until, key, holder),
                 )
+
+    def get_facts(self, kind: str, keys: Sequence[str], now: float) -> dict[str, Fact]:
+        found: dict[str, Fact] = {}
+        keys = list(dict.fromkeys(keys))
+        for start in range(0, len(keys), 500):  # SQLite bounds the number of parameters
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT key, value, expires_at FROM facts WHERE kind = ? AND expires_at > ? AND key IN ({marks})",
+                    (kind, now, *chunk),
+                ).fetchall()
+            found.update((key, Fact(json.loads(value), expires_at)) for key, value, expires_at in rows)
+        return found
+
+    def put_facts(self, kind: str, facts: Mapping[str, dict], expires_at: float) -> None:
+        rows = [(kind, key, json.dumps(value, sort_keys=True), expires_at) for key, value in facts.items()]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO facts (kind, key, value, expires_at) VALUES (?, ?, ?, ?)", rows
+                )
+            finally:
+                self._db.execute("COMMIT")
