@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from . import archive, bootstrap, errors, layers, logs, manifest, names, nix, sources
+from . import archive, bootstrap, coordination, errors, layers, logs, manifest, names, nix, sources
 from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
@@ -40,7 +40,7 @@ class BuildError:
     message: str
 
 
-def nix_settings(config: Config, bin_dir: str | None) -> nix.NixSettings:
+def nix_settings(config: Config, bin_dir: str | None, running: nix.RunningProcesses | None = None) -> nix.NixSettings:
     return nix.NixSettings(
         bin_dir=bin_dir,
         timeout=config.nix_timeout,
@@ -49,6 +49,7 @@ def nix_settings(config: Config, bin_dir: str | None) -> nix.NixSettings:
         trusted_public_keys=config.nix_trusted_public_keys,
         max_jobs=config.nix_max_jobs,
         store_lock=os.path.join(config.work_dir, "store.lock"),
+        running=running,
     )
 
 
@@ -74,10 +75,21 @@ class ImageBuilder:
         self._nix_settings_lock = threading.Lock()
         self.store_root = config.nix_store or "/"
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.lease_seconds = config.lease_seconds
         self.recent_errors: deque[BuildError] = deque(maxlen=20)
         self._in_flight: dict[str, Future] = {}
         self._in_flight_lock = threading.Lock()
+        # Set when the instance is told to stop: builds end, waits end, leases go back.
+        self.stopping = threading.Event()
+        self.running = nix.RunningProcesses()
+        self.leases = coordination.LeaseKeeper(
+            config.build_lease_seconds,
+            lambda key, holder, until: self._cache_call("lease renewal", self.cache.renew_build, key, holder, until),
+            lambda key, holder: self.log("build-lease-lost", f"lost the build lease of {key}", severity="WARNING",
+                                         key=key, holder=holder),
+        )
+        slots = config.build_concurrency or coordination.build_slots_for(
+            coordination.instance_memory_bytes(), config.build_memory_bytes)
+        self.slots = coordination.BuildSlots(os.path.join(config.work_dir, "build-slots"), slots)
 
     # -- the cache, tolerated when it fails --------------------------------
 
@@ -136,13 +148,20 @@ class ImageBuilder:
                 del self._in_flight[key]
 
     def _coordinated_build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
-        """Build under the cache's lease, or wait for whoever holds it."""
-        wait, give_up = 0.1, time.time() + self.lease_seconds * 2
+        """Build under the cache's lease, or wait for whoever holds it.
+
+        A live lease is renewed by its holder's heartbeat, so waiting on it is waiting
+        on a build that runs; a holder that died stops renewing, and its lease lapses
+        within BUILD_LEASE_SECONDS, when the next claim here takes the build over.
+        """
+        lease_seconds = self.config.build_lease_seconds
+        wait, give_up = 0.1, time.time() + self.config.build_wait_seconds
         # One holder name per attempt: a lease names a build, not a process.
         holder = f"{self.holder}-{uuid.uuid4().hex[:8]}"
         while True:
+            self._raise_if_stopping()
             now = time.time()
-            lease = self._cache_call("lease", self.cache.claim_build, key, holder, now + self.lease_seconds, now)
+            lease = self._cache_call("lease", self.cache.claim_build, key, holder, now + lease_seconds, now)
             if lease is None:  # no coordination possible: build alone
                 return self._build_and_record(request, source, key, holder=None)
             if lease.holder == holder:
@@ -156,8 +175,8 @@ class ImageBuilder:
                 raise errors.RegistryError.from_remembered(lease.error)
             if now > give_up:
                 raise errors.Unavailable("another instance is still building this image; try again shortly")
-            time.sleep(wait)
-            wait = min(wait * 1.5, 2.0)
+            self.stopping.wait(wait)
+            wait = min(wait * 1.5, 1.0)
             record = self.cached_image(key)
             if record is not None:
                 return record
@@ -165,17 +184,42 @@ class ImageBuilder:
     def _build_and_record(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
                           holder: str | None) -> ImageRecord:
         error_to_remember = None
+        if holder is not None:
+            self.leases.hold(key, holder)
         try:
-            return self._build(request, source, key)
+            # Queued for a slot with the lease held (and renewed): other instances wait, not build.
+            with self.slots.slot(self.stopping, time.time() + self.config.build_wait_seconds):
+                return self._build(request, source, key)
         except errors.RegistryError as e:
-            if e.status < 500:
+            if e.status < 500 and not self.stopping.is_set():
                 error_to_remember = e.remembered()
             self.recent_errors.append(BuildError(time.time(), request.name, e.message))
             raise
         finally:
             if holder is not None:
+                self.leases.release(key, holder)
                 self._cache_call("lease release", self.cache.finish_build, key, holder, error_to_remember,
                                  time.time() + self.config.failure_ttl)
+
+    # -- stopping --------------------------------------------------------------
+
+    def shutdown(self, grace: float = 3.0) -> None:
+        """The instance is stopping (SIGTERM): end Nix, give every lease back at once.
+
+        Another instance then starts the build on its next claim instead of waiting for
+        the lease to lapse; requests waiting here end with a 503 the client retries.
+        """
+        self.stopping.set()
+        ended = self.running.terminate_all(grace)
+        released = self.leases.release_all()
+        for key, holder in released:
+            self._cache_call("lease release", self.cache.finish_build, key, holder, None, 0)
+        self.log("shutdown", "instance stopping: builds ended, leases released", nix_processes=ended,
+                 leases=len(released))
+
+    def _raise_if_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise errors.Unavailable("this instance is stopping; try again")
 
     # -- the build itself ----------------------------------------------------
 
@@ -183,7 +227,8 @@ class ImageBuilder:
         """Nix for this instance, bootstrapped at the first build that needs it (never for a cached image)."""
         with self._nix_settings_lock:
             if self._nix_settings is None:
-                self._nix_settings = nix_settings(self.config, bootstrap.ensure_nix(self.config, self.log))
+                self._nix_settings = nix_settings(self.config, bootstrap.ensure_nix(self.config, self.log),
+                                                  self.running)
             return self._nix_settings
 
     def _build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
@@ -195,6 +240,7 @@ class ImageBuilder:
             try:
                 closure = nix.realise(list(request.packages), source, request.system, self.nix_settings(), work_dir)
             except nix.NixError as e:
+                self._raise_if_stopping()  # Nix was ended by the shutdown, not by the packages
                 error = _registry_error(e)
                 self.log("nix-build", f"build of {request.name} failed", severity="WARNING", result="failed",
                          duration=round(time.monotonic() - started, 3), error=error.message, **fields)

@@ -79,7 +79,10 @@ class Config:
     manifest_ttl: int = setting("MANIFEST_TTL", 6 * 3600, _int)  # for sources without a commit
     pinned_manifest_ttl: int = setting("PINNED_MANIFEST_TTL", 30 * 24 * 3600, _int)  # for commits
     failure_ttl: int = setting("FAILURE_TTL", 60, _int)
-    build_lease_seconds: int = setting("BUILD_LEASE_SECONDS", 0, _int)  # 0: see lease_seconds
+    # A build lease lives this long unless its holder renews it (every third of it) while the build runs.
+    build_lease_seconds: int = setting("BUILD_LEASE_SECONDS", 30, _int)
+    build_concurrency: int = setting("BUILD_CONCURRENCY", 0, _int)  # builds at once per instance; 0 = by memory
+    build_memory_bytes: int = setting("BUILD_MEMORY_BYTES", 768 << 20, _int)  # one build's memory (evaluation, packing)
 
     # Nix
     nix_timeout: int = setting("NIX_TIMEOUT", 600, _int)
@@ -143,9 +146,9 @@ class Config:
         return config
 
     @property
-    def lease_seconds(self) -> int:
-        # Long enough for the Nix timeout plus packing and uploading what it built.
-        return self.build_lease_seconds or self.nix_timeout + 120
+    def build_wait_seconds(self) -> int:
+        """How long a request waits for a build: the Nix timeout, packing and storing, a lease lapse."""
+        return self.nix_timeout + 120 + 2 * self.build_lease_seconds
 
     def validate(self) -> None:
         if "{rev}" not in self.nixpkgs_archive_url:
@@ -154,6 +157,10 @@ class Config:
             raise ServerError("configuration: LAYER_COMPRESSION must be gzip or none")
         if not 1 <= self.max_layers <= 120:
             raise ServerError("configuration: MAX_LAYERS must be between 1 and 120 (clients reject more than 125)")
+        if self.build_lease_seconds < 3:
+            raise ServerError("configuration: BUILD_LEASE_SECONDS must be at least 3 (it is renewed every third)")
+        if self.build_concurrency < 0:
+            raise ServerError("configuration: BUILD_CONCURRENCY must be 0 (by memory) or more")
         if self.nix_bootstrap_url and not self.nix_bootstrap_sha256:
             raise ServerError("configuration: NIX_BOOTSTRAP_URL needs NIX_BOOTSTRAP_SHA256")
         if self.storage_backend not in ("filesystem", "gcs"):

@@ -248,6 +248,12 @@ class RegistryPerProcess:
         self._lock = threading.Lock()  # a lock held at the fork would stay held in the child
         self._registry = None
 
+    def shutdown(self) -> None:
+        """This process is stopping: end its builds and give their leases back."""
+        registry = self._registry
+        if registry is not None:
+            registry.builder.shutdown()
+
     def get(self) -> Registry:
         registry = self._registry
         if registry is None:

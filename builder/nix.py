@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class NixSettings:
     # A file every process using this store locks: builds shared, garbage collection
     # exclusively. None: no garbage collection.
     store_lock: str | None = None
+    # The instance's running Nix processes, so that a stopping instance can end them.
+    running: "RunningProcesses | None" = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,45 @@ class _Deadline:
         return max(1, int(self.remaining()))
 
 
-def _run(args: list[str], deadline: _Deadline, what: str, slack: float = 0.0) -> _Result:
+class RunningProcesses:
+    """The Nix processes (each leading its own process group) one instance has running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: set[subprocess.Popen] = set()
+
+    def add(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.add(process)
+
+    def discard(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def terminate_all(self, grace: float) -> int:
+        """SIGTERM every group (Nix then ends its builders), SIGKILL what outlives `grace`."""
+        with self._lock:
+            processes = list(self._processes)
+        for process in processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for process in processes:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGKILL)
+        return len(processes)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _run(args: list[str], deadline: _Deadline, what: str, slack: float = 0.0,
+         running: RunningProcesses | None = None) -> _Result:
     """Run one Nix command within the deadline.
 
     Nix runs in its own process group. On expiry the group gets SIGTERM, never
@@ -201,6 +242,8 @@ def _run(args: list[str], deadline: _Deadline, what: str, slack: float = 0.0) ->
         )
     except OSError as e:
         raise NixUnavailable(f"cannot run {args[0]}: {e.strerror or e}") from None
+    if running is not None:
+        running.add(process)
     try:
         stdout, stderr = process.communicate(timeout=remaining + slack)
     except subprocess.TimeoutExpired:
@@ -209,21 +252,18 @@ def _run(args: list[str], deadline: _Deadline, what: str, slack: float = 0.0) ->
     except BaseException:
         _terminate(process)
         raise
+    finally:
+        if running is not None:
+            running.discard(process)
     return _Result(process.returncode, stdout.decode("utf-8", "replace"), _clean(stderr.decode("utf-8", "replace")))
 
 
 def _terminate(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    _signal_group(process, signal.SIGTERM)
     try:
         process.communicate(timeout=TERMINATE_GRACE)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_group(process, signal.SIGKILL)
         process.communicate()
 
 
@@ -301,7 +341,7 @@ def _evaluate(
     ]
     if strict:
         args += ["--arg", "strict", "true"]
-    return _run(args, deadline, "evaluation")
+    return _run(args, deadline, "evaluation", running=settings.running)
 
 
 def _parse_evaluation(result: _Result) -> dict[str, Any]:
@@ -378,7 +418,7 @@ def _realise(
         *installables,
     ]
     # Nix's own timeout (--timeout) should fire first: it names the build.
-    result = _run(args, deadline, "the build", slack=REALISE_SLACK)
+    result = _run(args, deadline, "the build", slack=REALISE_SLACK, running=settings.running)
     if result.returncode == 0:
         return
     message = error_message(result.stderr, "the build failed")
@@ -411,7 +451,7 @@ def _not_substitutable(
 ) -> list[str]:
     """The requested names whose outputs would have to be built: `--dry-run` lists their derivations."""
     args = [_binary(settings, "nix-store"), "--realise", "--dry-run", *_options(settings), *installables]
-    result = _run(args, deadline, "asking the binary cache")
+    result = _run(args, deadline, "asking the binary cache", running=settings.running)
     to_build = set(re.findall(r"^\s*(/nix/store/\S+\.drv)\s*$", result.stderr, re.MULTILINE))
     names = sorted(name for name, p in resolved.items() if p["drvPath"] in to_build)
     # Only dependencies missing: every requested name needs them.
@@ -429,7 +469,7 @@ def _path_info(paths: list[str], settings: NixSettings, deadline: _Deadline) -> 
         *_options(settings),
         *paths,
     ]
-    result = _run(args, deadline, "reading the closure")
+    result = _run(args, deadline, "reading the closure", running=settings.running)
     if result.returncode != 0:
         raise NixError("cannot read the closure: " + error_message(result.stderr))
     try:

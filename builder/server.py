@@ -1,0 +1,41 @@
+"""The server process around the function: settings functions-framework does not expose.
+
+functions-framework starts gunicorn with options of its own choosing. Two more are
+wanted here, and set through gunicorn's own configuration before the server starts:
+a `post_worker_init` hook that puts `on_stop` in front of each worker's SIGTERM
+handler (Cloud Run sends SIGTERM, then SIGKILL 10 s later, while gunicorn would let a
+build run on for minutes), and whatever `extra` settings the caller passes.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any, Callable
+
+
+def configure(on_stop: Callable[[], None], **extra: Any) -> None:
+    """Call before functions-framework builds its server (i.e. when main.py is imported)."""
+    from functions_framework._http.gunicorn import GunicornApplication
+
+    original = getattr(GunicornApplication.load_config, "__wrapped__", GunicornApplication.load_config)
+
+    def post_worker_init(worker: Any) -> None:
+        # In the worker's main thread, after gunicorn installed its own handlers.
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def stop(signum: int, frame: Any) -> None:
+            try:
+                on_stop()
+            finally:
+                if callable(previous):
+                    previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, stop)
+
+    def load_config(self: GunicornApplication) -> None:
+        original(self)
+        self.cfg.set("post_worker_init", post_worker_init)
+        for key, value in extra.items():
+            self.cfg.set(key, value)
+
+    load_config.__wrapped__ = original  # type: ignore[attr-defined]
+    GunicornApplication.load_config = load_config
