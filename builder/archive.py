@@ -45,6 +45,8 @@ class Entry:
     target: str = ""  # symlink target
     mode: int = 0o755
     data: bytes = b""
+    uid: int = 0  # owner; a home directory belongs to its user
+    gid: int = 0
 
 
 class _Sink:
@@ -107,7 +109,6 @@ class _TarStream:
 
     def header(self, info: tarfile.TarInfo) -> None:
         info.mtime = _MTIME
-        info.uid = info.gid = 0
         info.uname = info.gname = ""
         self.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
@@ -135,12 +136,14 @@ class _TarStream:
         )
 
 
-def _info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "") -> tarfile.TarInfo:
+def _info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "", uid: int = 0,
+          gid: int = 0) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
     info.size = size
     info.linkname = target
+    info.uid, info.gid = uid, gid
     return info
 
 
@@ -213,25 +216,35 @@ def pack_entries(entries: Sequence[Entry], out: BinaryIO, compression: str) -> P
     stream = _TarStream(out, compression)
     for name in sorted(by_name):
         entry = by_name[name]
+        owner = {"uid": entry.uid, "gid": entry.gid}
         if entry.kind == "dir":
-            stream.header(_info(name, tarfile.DIRTYPE, entry.mode))
+            stream.header(_info(name, tarfile.DIRTYPE, entry.mode, **owner))
         elif entry.kind == "symlink":
-            stream.header(_info(name, tarfile.SYMTYPE, entry.mode, target=entry.target))
+            stream.header(_info(name, tarfile.SYMTYPE, entry.mode, target=entry.target, **owner))
         else:
-            stream.header(_info(name, tarfile.REGTYPE, entry.mode, len(entry.data)))
+            stream.header(_info(name, tarfile.REGTYPE, entry.mode, len(entry.data), **owner))
             stream.write(entry.data)
             stream.pad(len(entry.data))
     return stream.finish()
 
 
-def customisation_entries(package_paths: Sequence[str], store_root: str = "/") -> list[Entry]:
-    """The top layer: each package's tree linked into "/", plus /tmp and /usr/bin/env.
+def customisation_entries(package_paths: Sequence[str], store_root: str = "/",
+                          own: Sequence[Entry] = ()) -> list[Entry]:
+    """The top layer: each package's tree linked into "/", plus /tmp, /usr/bin/env and `own`.
 
     Directories are real, so packages merge (bin/ holds every package's
     programs); files and symlinks become absolute symlinks into the store. On
-    a conflict the first package in the given order wins.
+    a conflict the first package in the given order wins. The image's `own`
+    entries (its users and groups) win over every package; their parent
+    directories are made real.
     """
     entries: dict[str, Entry] = {"tmp": Entry("tmp", "dir", mode=0o1777)}
+    for entry in own:
+        parent = os.path.dirname(entry.name)
+        while parent:
+            entries.setdefault(parent, Entry(parent, "dir"))
+            parent = os.path.dirname(parent)
+        entries[entry.name] = entry
     env_target = ""
     for package in package_paths:
         disk_root = _disk_path(store_root, package)

@@ -23,12 +23,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from . import archive, bootstrap, coordination, errors, layers, logs, manifest, names, nix, sources
+from . import archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, sources
 from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
 
-CUSTOMISATION_FORMAT = "customisation-v1"
+CUSTOMISATION_FORMAT = "customisation-v2"  # v2: users, groups, nsswitch.conf
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class ImageBuilder:
             stored.append(self._customisation_layer(request, closure))
             image_layers = [layer for layer, _ in stored]
             packed = sum(1 for _, was_packed in stored if was_packed)
-            record = self._store_image(request, source, key, image_layers)
+            record = self._store_image(request, source, key, image_layers, closure)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)  # drops the GC roots too
         self.log("nix-build", f"built {request.name}", result="built", duration=round(time.monotonic() - started, 3),
@@ -287,8 +287,9 @@ class ImageBuilder:
 
     def _customisation_layer(self, request: names.ImageRequest, closure: nix.Closure) -> tuple[manifest.Layer, bool]:
         roots = [closure.roots[name] for name in sorted(closure.roots)]
-        layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, *roots])) + ":" + self.config.compression
-        entries = archive.customisation_entries(roots, self.store_root)
+        users = "nonroot" if request.nonroot else "root"
+        layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, users, *roots])) + ":" + self.config.compression
+        entries = archive.customisation_entries(roots, self.store_root, contents.user_entries(request.nonroot))
         return self._reuse_or_pack(layer_key, lambda out: archive.pack_entries(entries, out, self.config.compression))
 
     def _reuse_or_pack(self, layer_key: str, pack: Callable) -> tuple[manifest.Layer, bool]:
@@ -310,13 +311,9 @@ class ImageBuilder:
         return "tar+gzip" if self.config.compression == "gzip" else "tar"
 
     def _store_image(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
-                     image_layers: list[manifest.Layer]) -> ImageRecord:
-        lowered = {p.lower() for p in request.packages}
-        env = ["PATH=/bin:/usr/bin"]
-        if "cacert" in lowered:
-            env.append("SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt")
-        cmd = ["bash"] if "bashinteractive" in lowered else None
-        config_bytes = manifest.image_config(image_layers, request.architecture, env, cmd)
+                     image_layers: list[manifest.Layer], closure: nix.Closure) -> ImageRecord:
+        run = contents.run_settings(request, closure.roots, closure.info, self.store_root)
+        config_bytes = manifest.image_config(image_layers, request.architecture, run.env, run.cmd, run.user)
         config_blob = manifest.Blob(manifest.digest_of(config_bytes), len(config_bytes))
         self.storage.put_bytes(config_blob.digest, config_bytes, "application/vnd.oci.image.config.v1+json")
         refs = []

@@ -48,10 +48,13 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def image_config(layers: Sequence[Layer], architecture: str, env: Sequence[str], cmd: Sequence[str] | None) -> bytes:
+def image_config(layers: Sequence[Layer], architecture: str, env: Sequence[str], cmd: Sequence[str] | None,
+                 user: str | None = None) -> bytes:
     config: dict = {"Env": list(env)}
     if cmd:
         config["Cmd"] = list(cmd)
+    if user:
+        config["User"] = user
     document = {
         "architecture": architecture,
         "os": "linux",

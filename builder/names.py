@@ -3,8 +3,9 @@
 `/v2/shell/git/htop/manifests/latest` asks for an image holding git and htop
 plus the shell meta-package. Nixery's rules, so its users switch without
 surprises: every path segment is a package attribute (dotted paths reach into
-nested sets); leading meta-packages `arm64` (build for aarch64-linux) and
-`shell` (bash, coreutils, moreutils, nano); the always-included packages are
+nested sets); leading meta-packages `arm64` (build for aarch64-linux),
+`shell` (bash, coreutils, moreutils, nano) and `nonroot` (run as user 65532,
+not root); the always-included packages are
 added; the list is sorted and deduplicated so `git/htop` and `htop/git` are one
 image. Everything is validated against the spec's grammar and bounds here, so
 no Nix process ever starts for a name that fails, and no byte a client sends
@@ -27,6 +28,10 @@ SHA256_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 
 SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
 ARCHITECTURES = {"amd64": "x86_64-linux", "arm64": "aarch64-linux"}
+META_PACKAGES = ("arm64", "shell", "nonroot")
+# Part of every image key: bumped when the same packages make a different image
+# (v2: users and groups, labels, the default command, the SBOM).
+IMAGE_FORMAT = "image-v2"
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ class ImageRequest:
     name: str  # the repository name as the client sent it
     packages: tuple[str, ...]  # sorted, deduplicated, with meta-packages expanded
     architecture: str  # OCI architecture: amd64 | arm64
+    nonroot: bool = False  # the `nonroot` meta-package: run as user and group 65532
+    # The packages the name asked for itself: no meta-package's, no always-included one.
+    requested: tuple[str, ...] = ()
 
     @property
     def system(self) -> str:
@@ -59,19 +67,24 @@ def parse_image_name(name: str, *, always_include: tuple[str, ...], max_packages
     architecture = "amd64"
     packages: list[str] = []
     # Meta-packages count only at the front, as in Nixery: `shell/arm64/x` and `arm64/shell/x`.
-    while segments and segments[0] in ("arm64", "shell"):
+    nonroot = False
+    while segments and segments[0] in META_PACKAGES:
         head = segments.pop(0)
         if head == "arm64":
             architecture = "arm64"
+        elif head == "nonroot":
+            nonroot = True
         else:
             packages.extend(SHELL_PACKAGES)
     packages.extend(segments)
     if not segments and not packages:
         raise NameInvalid("the image name names no package", {"name": name})
+    requested = tuple(sorted(set(segments) - set(always_include)))
     wanted = sorted(set(packages) | set(always_include))
     if len(wanted) > max_packages:
         raise NameInvalid(f"an image holds at most {max_packages} packages, this name asks for {len(wanted)}", {"name": name})
-    return ImageRequest(name=name, packages=tuple(wanted), architecture=architecture)
+    return ImageRequest(name=name, packages=tuple(wanted), architecture=architecture, nonroot=nonroot,
+                        requested=requested)
 
 
 def check_tag(tag: str) -> None:
@@ -93,7 +106,9 @@ def check_digest(digest: str) -> None:
 
 def image_key(request: ImageRequest, source_identity: str) -> str:
     """An unambiguous cache key: JSON keeps separators inside names from colliding."""
-    return json.dumps([request.architecture, list(request.packages), source_identity], separators=(",", ":"))
+    user = "nonroot" if request.nonroot else "root"
+    return json.dumps([request.architecture, list(request.packages), source_identity, IMAGE_FORMAT, user],
+                      separators=(",", ":"))
 
 
 def key_hash(key: str) -> str:

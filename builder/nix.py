@@ -82,6 +82,9 @@ class Closure:
     paths: dict[str, StorePath]  # every path of the runtime closure
     gc_root_dir: str  # keeps the paths alive; caller deletes it when done
     attrs: dict[str, str] = field(default_factory=dict)  # requested name -> attribute path it resolved to
+    # requested name -> what the package set says of it: pname, version, mainProgram,
+    # description, homepage (each str or None) and licenses ([{spdxId, name}]).
+    info: dict[str, dict] = field(default_factory=dict)
 
 
 class NixError(Exception):
@@ -356,7 +359,7 @@ def _parse_evaluation(result: _Result) -> dict[str, Any]:
 def resolve(
     packages: list[str], source: "PackageSource", system: str, settings: NixSettings, deadline: _Deadline
 ) -> dict[str, dict[str, str]]:
-    """Name -> {attr, drvPath, path, outputName}; raises for unknown or broken names."""
+    """Name -> {attr, drvPath, path, outputName, info}; raises for unknown or broken names."""
     result = _evaluate(packages, source, system, settings, deadline, strict=False)
     if result.returncode != 0:
         # An error tryEval cannot catch (abort, type errors) or a package set
@@ -522,6 +525,7 @@ def realise(
         paths=paths,
         gc_root_dir=gc_root_dir,
         attrs={name: p["attr"] for name, p in resolved.items()},
+        info={name: p.get("info") or {} for name, p in resolved.items()},
     )
 
 

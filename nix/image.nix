@@ -12,7 +12,7 @@
 # or fail to evaluate with `throw`/`assert` (how nixpkgs marks broken, unfree
 # or insecure packages):
 #
-#   { packages = { "<name>" = { attr; drvPath; path; outputName; }; };
+#   { packages = { "<name>" = { attr; drvPath; path; outputName; info; }; };
 #     unknown = [ "<name>" ... ];   # no such attribute, or not a package
 #     failed = [ "<name>" ... ]; }  # evaluating the package threw
 #
@@ -104,7 +104,35 @@ let
     # Not `outPath`: builtins.toJSON would print such a set as that string.
     path = v.outPath;
     outputName = v.outputName or "out";
+    info = packageInfo v;
   };
+
+  # What the image's labels, default command and SBOM say about a package, from
+  # the attributes nixpkgs gives it: pname, version, meta.{mainProgram, license,
+  # description, homepage}. Every field may be missing or odd (a license given
+  # as a string, a homepage as a list), and reading meta must never fail a
+  # build: anything unreadable is null.
+  orNull = check: v: if check v then v else null;
+  str = orNull builtins.isString;
+  firstStr = v: if builtins.isList v then (if v == [ ] then null else str (builtins.head v)) else str v;
+  license = l:
+    if builtins.isAttrs l then { spdxId = str (l.spdxId or null); name = str (l.fullName or l.shortName or null); }
+    else if builtins.isString l then { spdxId = null; name = l; }
+    else null;
+  licenses = l: builtins.filter (x: x != null) (map license (if builtins.isList l then l else [ l ]));
+  guarded = value: let r = builtins.tryEval (builtins.deepSeq value value); in if r.success then r.value else null;
+  packageInfo = v:
+    let
+      isSet = builtins.tryEval (builtins.isAttrs (v.meta or null));
+      m = if isSet.success && isSet.value then v.meta else { };
+    in {
+      pname = guarded (str (v.pname or null));
+      version = guarded (str (v.version or null));
+      mainProgram = guarded (str (m.mainProgram or null));
+      description = guarded (str (m.description or null));
+      homepage = guarded (firstStr (m.homepage or null));
+      licenses = let l = guarded (licenses (m.license or [ ])); in if l == null then [ ] else l;
+    };
 
   classify = name:
     let

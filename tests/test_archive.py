@@ -262,3 +262,18 @@ def test_pack_entries_with_gnu_tar(two_packages, tmp_path, compression):
 def test_pack_entries_rejects_duplicates():
     with pytest.raises(ValueError):
         archive.pack_entries([Entry("bin", "dir"), Entry("bin/", "dir")], WriteOnly(), "none")
+
+
+def test_the_images_own_entries_win_over_a_packages_files(two_packages, tmp_path):
+    (two_packages / "nix/store/2222-git/etc/passwd").write_bytes(b"git:x:1:1::/:/bin/sh\n")
+    own = [Entry("etc/passwd", "file", mode=0o644, data=b"root:x:0:0:root:/root:/bin/sh\n"),
+           Entry("home/nonroot", "dir", uid=65532, gid=65532)]
+    entries = {e.name: e for e in archive.customisation_entries(["/nix/store/2222-git"], str(two_packages), own)}
+    assert entries["etc/passwd"].data.startswith(b"root:")
+    assert entries["etc/gitconfig"].target == "/nix/store/2222-git/etc/gitconfig"  # the rest of etc/ still merges
+    assert entries["home"].kind == "dir"
+    out = WriteOnly()
+    archive.pack_entries(list(entries.values()), out, "none")
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(out.getvalue()))}
+    assert (members["home/nonroot"].uid, members["home/nonroot"].gid) == (65532, 65532)
+    assert (members["etc/passwd"].uid, members["home"].uid) == (0, 0)

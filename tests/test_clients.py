@@ -135,6 +135,21 @@ def test_docker_pull_and_run(shared_registry, dockerd):
     assert out.strip() == "ok"
 
 
+def test_docker_runs_a_single_package_image_by_its_main_program_and_nonroot_as_65532(shared_registry, dockerd):
+    hello = f"{shared_registry.host}/hello"
+    run(tool("docker"), "pull", hello, env=dockerd)
+    assert run(tool("docker"), "run", "--rm", "--network", "none", hello, env=dockerd).stdout == "Hello, world!\n"
+    nonroot = f"{shared_registry.host}/nonroot/shell/hello"
+    run(tool("docker"), "pull", nonroot, env=dockerd)
+    out = run(tool("docker"), "run", "--rm", "--network", "none", nonroot, "bash", "-c",
+              "id -u; id -g; whoami; echo $HOME; touch $HOME/written && echo writable", env=dockerd).stdout
+    assert out.split() == ["65532", "65532", "nonroot", "/home/nonroot", "writable"]
+    # Without nonroot, root as in Nixery; the user has a name all the same.
+    out = run(tool("docker"), "run", "--rm", "--network", "none", f"{shared_registry.host}/shell/hello", "whoami",
+              env=dockerd).stdout
+    assert out.strip() == "root"
+
+
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory):
     """A containerd of its own (no CRI plugin), as Kubernetes nodes pull with it; yields ctr's arguments."""

@@ -11,7 +11,8 @@ def parse(name, always=("cacert", "iana-etc"), max_packages=64, max_length=1024)
 def test_packages_are_sorted_deduplicated_with_always_included():
     assert parse("hello/goodbye/hello").packages == ("cacert", "goodbye", "hello", "iana-etc")
     assert parse("goodbye/hello") == parse("hello/goodbye").__class__(
-        name="goodbye/hello", packages=parse("hello/goodbye").packages, architecture="amd64")
+        name="goodbye/hello", packages=parse("hello/goodbye").packages, architecture="amd64",
+        requested=("goodbye", "hello"))
 
 
 def test_shell_meta_package_and_arm64():
@@ -24,6 +25,25 @@ def test_shell_meta_package_and_arm64():
     # Only at the front: later "shell" is an ordinary package name.
     assert parse("hello/shell", always=()).packages == ("hello", "shell")
     assert parse("shell", always=()).packages == names.SHELL_PACKAGES
+
+
+def test_nonroot_meta_package_in_any_order_among_the_meta_packages():
+    for name in ("nonroot/shell/hello", "shell/nonroot/hello", "arm64/nonroot/shell/hello", "nonroot/arm64/hello"):
+        image = parse(name, always=())
+        assert image.nonroot, name
+        assert "nonroot" not in image.packages and "hello" in image.packages
+    assert not parse("shell/hello").nonroot
+    # Only at the front, like the others.
+    assert parse("hello/nonroot", always=()).packages == ("hello", "nonroot")
+    with pytest.raises(errors.NameInvalid, match="names no package"):
+        parse("nonroot", always=())
+
+
+def test_requested_packages_leave_out_meta_and_always_included_ones():
+    assert parse("shell/hello").requested == ("hello",)
+    assert parse("nonroot/hello/cacert").requested == ("hello",)
+    assert parse("shell").requested == ()
+    assert parse("goodbye/hello/goodbye").requested == ("goodbye", "hello")
 
 
 def test_dotted_attribute_paths_are_kept():
@@ -61,6 +81,7 @@ def test_image_key_is_unambiguous():
     assert names.image_key(a, "s") != names.image_key(b, "s")
     assert names.image_key(b, "s") != names.image_key(b, "t")
     assert names.image_key(b, "s") != names.image_key(names.ImageRequest("x", ("a", "b"), "arm64"), "s")
+    assert names.image_key(b, "s") != names.image_key(names.ImageRequest("x", ("a", "b"), "amd64", nonroot=True), "s")
 
 
 def test_media_type_from_accept_lines():

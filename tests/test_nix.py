@@ -75,12 +75,19 @@ def processes_with(marker: str) -> list[int]:
 def test_hello_closure_has_references_and_roots(demo, settings, tmp_path):
     closure = realise(["hello"], demo, settings, tmp_path)
     hello = closure.roots["hello"]
-    assert hello.startswith("/nix/store/") and hello.endswith("-hello")
+    assert hello.startswith("/nix/store/") and hello.endswith("-hello-2.12.1")
     assert closure.attrs == {"hello": "hello"}
+    # What the package set says of it, as nixpkgs has it: pname, version, meta.
+    assert closure.info["hello"] == {
+        "pname": "hello", "version": "2.12.1", "mainProgram": "hello",
+        "description": "A program that produces a familiar, friendly greeting",
+        "homepage": "https://www.gnu.org/software/hello/",
+        "licenses": [{"spdxId": "GPL-3.0-or-later", "name": "GNU General Public License v3.0 or later"}],
+    }
 
     # /nix/store/<32 hash chars>-<name>
     by_name = {p[len("/nix/store/") + 33 :]: p for p in closure.paths}
-    assert set(by_name) == {"hello", "libgreeting-1.0", "busybox-1.35.0"}
+    assert set(by_name) == {"hello-2.12.1", "libgreeting-1.0", "busybox-1.35.0"}
     lib, busybox = by_name["libgreeting-1.0"], by_name["busybox-1.35.0"]
     assert closure.paths[hello].references == tuple(sorted((lib, busybox)))
     assert closure.paths[lib].references == (busybox,)

@@ -88,6 +88,21 @@ let
 
   sh = "${busybox}/bin/sh";
 
+  # nixpkgs' packages carry `pname`, `version` and `meta` next to the
+  # derivation; the registry reads them for an image's labels, its default
+  # command (`meta.mainProgram`) and its SBOM. Attributes added with `//` do
+  # not change the derivation, so store paths stay as they are.
+  described = pname: version: meta: drv: drv // { inherit pname version meta; };
+
+  licenses = {
+    gpl2Only = { spdxId = "GPL-2.0-only"; fullName = "GNU General Public License v2.0 only"; };
+    gpl2Plus = { spdxId = "GPL-2.0-or-later"; fullName = "GNU General Public License v2.0 or later"; };
+    gpl3Plus = { spdxId = "GPL-3.0-or-later"; fullName = "GNU General Public License v3.0 or later"; };
+    lgpl21Plus = { spdxId = "LGPL-2.1-or-later"; fullName = "GNU Lesser General Public License v2.1 or later"; };
+    mit = { spdxId = "MIT"; fullName = "MIT License"; };
+    mpl20 = { spdxId = "MPL-2.0"; fullName = "Mozilla Public License 2.0"; };
+  };
+
   libgreeting = mkDerivation "libgreeting-1.0" ''
     mkdir -p "$out/lib" "$out/share/libgreeting"
     cat > "$out/lib/greeting.sh" <<'EOF'
@@ -97,14 +112,23 @@ let
     echo "libgreeting 1.0: greetings for the whole world" > "$out/share/libgreeting/README"
   '' { };
 
-  greeter = name: word: mkScript name "bin/${name}" ''
+  greeter = pname: version: word: mkScript "${pname}-${version}" "bin/${pname}" ''
     #!${sh}
     . ${libgreeting}/lib/greeting.sh
     greet '${word}'
   '';
 
-  hello = greeter "hello" "Hello";
-  goodbye = greeter "goodbye" "Goodbye";
+  hello = described "hello" "2.12.1" {
+    description = "A program that produces a familiar, friendly greeting";
+    homepage = "https://www.gnu.org/software/hello/";
+    license = licenses.gpl3Plus;
+    mainProgram = "hello";
+  } (greeter "hello" "2.12.1" "Hello");
+  goodbye = described "goodbye" "1.0" {
+    description = "Says goodbye to the world (demo)";
+    license = licenses.mit;
+    mainProgram = "goodbye";
+  } (greeter "goodbye" "1.0" "Goodbye");
 
   coreutilsApplets = [
     "[" "basename" "cat" "chmod" "chown" "cp" "cut" "date" "dd" "df" "dirname" "du"
@@ -240,4 +264,66 @@ in
   inherit libgreeting hello goodbye tools helloWorld _7zip demoPackages;
   inherit bigPackage benchGiant failsToBuild neverFinishes;
   failsToEvaluate = throw "failsToEvaluate: this package cannot be evaluated (demo)";
+}
+# pname, version and meta as nixpkgs has them (hello and goodbye have theirs
+# above). bigPackage and the nested demoPackages have none, like a package
+# written in a hurry.
+// {
+  busybox = described "busybox" "1.35.0" {
+    description = "Tiny versions of common UNIX utilities in a single small executable";
+    homepage = "https://busybox.net/";
+    license = licenses.gpl2Only;
+  } busybox;
+  bashInteractive = described "bash-interactive" "5.2" {
+    description = "GNU Bourne-Again Shell, the de facto standard shell on Linux (for interactive use)";
+    homepage = "https://www.gnu.org/software/bash/";
+    license = licenses.gpl3Plus;
+    mainProgram = "bash";
+  } bashInteractive;
+  coreutils = described "coreutils" "9.1" {
+    description = "The GNU Core Utilities";
+    homepage = "https://www.gnu.org/software/coreutils/";
+    license = licenses.gpl3Plus;
+  } coreutils;
+  moreutils = described "moreutils" "0.67" {
+    description = "Growing collection of the unix tools that nobody thought to write long ago when unix was young";
+    homepage = "https://joeyh.name/code/moreutils/";
+    license = licenses.gpl2Plus;
+  } moreutils;
+  nano = described "nano" "7.2" {
+    description = "Small, user-friendly console text editor";
+    homepage = "https://www.nano-editor.org/";
+    license = licenses.gpl3Plus;
+    mainProgram = "nano";
+  } nano;
+  cacert = described "nss-cacert" "3.92" {
+    description = "A bundle of X.509 certificates of public Certificate Authorities (CA)";
+    homepage = "https://curl.haxx.se/docs/caextract.html";
+    license = licenses.mpl20;
+  } cacert;
+  iana-etc = described "iana-etc" "20231227" {
+    description = "IANA protocol and port number assignments (/etc/protocols and /etc/services)";
+    homepage = "https://www.iana.org/protocols";
+    license = licenses.mit;
+  } iana-etc;
+  libgreeting = described "libgreeting" "1.0" {
+    description = "Greetings for the whole world (demo library)";
+    license = licenses.mit;
+  } libgreeting;
+  tools = described "tools" "0.1" {
+    description = "Greets, then lists the tools next to it (demo)";
+    license = licenses.mit;
+    mainProgram = "tools";
+  } tools;
+  helloWorld = described "hello-world" "1.0" {
+    description = "Runs hello (demo)";
+    license = licenses.mit;
+    mainProgram = "hello-world";
+  } helloWorld;
+  _7zip = described "7zip" "23.01" {
+    description = "Command line version of the 7-Zip file archiver (demo)";
+    homepage = "https://www.7-zip.org";
+    license = [ licenses.lgpl21Plus { shortName = "unRAR"; fullName = "unRAR restriction"; } ];
+    mainProgram = "7z";
+  } _7zip;
 }

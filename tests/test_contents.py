@@ -1,0 +1,83 @@
+"""What an image holds besides its packages: users, the non-root option, the default command.
+
+Real builds of the demo set, read over HTTP as a client reads them.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+
+from builder.manifest import OCI_MANIFEST
+
+OCI = {"Accept": OCI_MANIFEST}
+
+
+def image(registry, name: str, tag: str = "latest") -> tuple[dict, dict]:
+    """(manifest, config) of an image."""
+    response = registry.get(f"/v2/{name}/manifests/{tag}", headers=OCI)
+    assert response.status_code == 200, response.text
+    manifest = response.json()
+    config = registry.get(f"/v2/{name}/blobs/{manifest['config']['digest']}").json()
+    return manifest, config
+
+
+def top_layer(registry, name: str) -> dict[str, tarfile.TarInfo | bytes]:
+    """The customisation layer's members by name, with file contents under `name + ':data'`."""
+    manifest, _ = image(registry, name)
+    blob = registry.get(f"/v2/{name}/blobs/{manifest['layers'][-1]['digest']}").content
+    members: dict = {}
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
+        for member in tar:
+            members[member.name] = member
+            if member.isfile():
+                members[member.name + ":data"] = tar.extractfile(member).read()
+    return members
+
+
+def test_every_image_has_root_and_nobody_and_an_nsswitch_conf(shared_registry):
+    layer = top_layer(shared_registry, "hello")
+    passwd = layer["etc/passwd:data"].decode().splitlines()
+    assert [line.split(":")[:4] for line in passwd] == [["root", "x", "0", "0"], ["nobody", "x", "65534", "65534"]]
+    group = layer["etc/group:data"].decode().splitlines()
+    assert [line.split(":")[:3] for line in group] == [["root", "x", "0"], ["nobody", "x", "65534"]]
+    nsswitch = layer["etc/nsswitch.conf:data"].decode()
+    assert "passwd: files" in nsswitch and "group: files" in nsswitch and "hosts: files dns" in nsswitch
+    for name in ("etc/passwd", "etc/group", "etc/nsswitch.conf"):
+        assert layer[name].isfile() and layer[name].mode == 0o644 and layer[name].uid == 0
+    assert "home/nonroot" not in layer
+    _, config = image(shared_registry, "hello")
+    assert "User" not in config["config"]  # root, as in Nixery
+
+
+def test_nonroot_adds_user_65532_with_its_home_and_runs_as_it(shared_registry):
+    layer = top_layer(shared_registry, "nonroot/shell/hello")
+    assert "nonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh" in layer["etc/passwd:data"].decode().splitlines()
+    assert "nonroot:x:65532:" in layer["etc/group:data"].decode().splitlines()
+    home = layer["home/nonroot"]
+    assert home.isdir() and (home.uid, home.gid) == (65532, 65532)
+    _, config = image(shared_registry, "nonroot/shell/hello")
+    assert config["config"]["User"] == "65532:65532"
+    assert "HOME=/home/nonroot" in config["config"]["Env"]
+    assert config["config"]["Cmd"] == ["bash"]
+    # The same packages as root are another image.
+    assert image(shared_registry, "shell/hello")[0] != image(shared_registry, "nonroot/shell/hello")[0]
+
+
+def test_single_package_image_runs_its_main_program_as_cmd_never_entrypoint(shared_registry):
+    _, config = image(shared_registry, "hello")
+    [program] = config["config"]["Cmd"]
+    assert program.startswith("/nix/store/") and program.endswith("-hello-2.12.1/bin/hello")
+    assert "Entrypoint" not in config["config"]
+    # meta.mainProgram differs from the attribute name.
+    assert image(shared_registry, "7zip")[1]["config"]["Cmd"][0].endswith("-7zip-23.01/bin/7z")
+
+
+def test_no_default_command_without_exactly_one_package_with_a_main_program(shared_registry):
+    # Two requested packages: which one would run?
+    assert "Cmd" not in image(shared_registry, "goodbye/hello")[1]["config"]
+    # No meta.mainProgram.
+    assert "Cmd" not in image(shared_registry, "demopackages.nested")[1]["config"]
+    # With the shell, bash stays the command.
+    assert image(shared_registry, "shell/hello")[1]["config"]["Cmd"] == ["bash"]
