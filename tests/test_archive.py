@@ -68,6 +68,7 @@ def gnu_tar_list(data: bytes, tmp_path, gzipped: bool) -> list[str]:
 
 
 @pytest.mark.parametrize("compression", ["gzip", "none"])
+@pytest.mark.fast
 def test_store_paths_deterministic_and_digests_match(fake_store, compression):
     root, paths = fake_store
     first, second = WriteOnly(), WriteOnly()
@@ -84,6 +85,7 @@ def test_store_paths_deterministic_and_digests_match(fake_store, compression):
     assert len(tar_bytes) % tarfile.RECORDSIZE == 0
 
 
+@pytest.mark.fast
 def test_gnu_tar_lists_members_modes_and_links(fake_store, tmp_path):
     root, paths = fake_store
     out = WriteOnly()
@@ -102,6 +104,7 @@ def test_gnu_tar_lists_members_modes_and_links(fake_store, tmp_path):
     assert all(" 1970-01-01 00:00 " in line for line in lines)
 
 
+@pytest.mark.fast
 def test_gzip_and_python_tarfile_read_it(fake_store, tmp_path):
     root, paths = fake_store
     out = WriteOnly()

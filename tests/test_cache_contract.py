@@ -48,7 +48,9 @@ def open_backend(spec: BackendSpec):
     raise ValueError(spec.kind)
 
 
-@pytest.fixture(params=["sqlite", "firestore", "memory+sqlite"])
+# The in-process backends are part of scripts/test-fast; Firestore needs its emulator.
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.fast), "firestore",
+                        pytest.param("memory+sqlite", marks=pytest.mark.fast)])
 def spec(request, tmp_path: Path) -> BackendSpec:
     if request.param == "firestore":
         emulator = request.getfixturevalue("firestore_env")

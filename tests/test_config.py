@@ -9,6 +9,8 @@ import pytest
 from builder.config import DEMO_PACKAGES, SETTINGS, Config
 from builder.errors import ServerError
 
+pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
+
 ROOT = Path(__file__).resolve().parent.parent
 # In README's table but read by the server around the function, not by builder/.
 SERVER_VARIABLES = {"WORKERS", "THREADS", "PORT", "HOST"}

@@ -8,6 +8,8 @@ import pytest
 
 from builder import errors
 
+pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
+
 
 def test_every_error_class_is_in_the_code_table_under_its_own_code():
     defined = {cls for _, cls in inspect.getmembers(errors, inspect.isclass)

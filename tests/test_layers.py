@@ -8,6 +8,8 @@ import pytest
 
 from builder.layers import LayerPlan, layer_key, plan_layers
 
+pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
+
 
 @dataclass(frozen=True)
 class StorePath:  # the shape of builder.nix.StorePath

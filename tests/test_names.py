@@ -3,6 +3,8 @@ import pytest
 from builder import errors, names
 from builder.manifest import DOCKER_MANIFEST, OCI_MANIFEST, choose_media_type
 
+pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
+
 
 def parse(name, always=("cacert", "iana-etc"), max_packages=64, max_length=1024):
     return names.parse_image_name(name, always_include=always, max_packages=max_packages, max_length=max_length)

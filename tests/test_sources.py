@@ -77,6 +77,7 @@ def git_source(tag: str, url: str) -> sources.PackageSource:
     return sources.resolve(tag, channel=None, pkgs_repo=url, pkgs_path=None)
 
 
+@pytest.mark.fast
 def test_git_tags_resolve_to_commits(repo):
     url = repo["path"]
     latest = git_source("latest", url)
@@ -92,6 +93,7 @@ def test_git_tags_resolve_to_commits(repo):
     assert git_source(repo["feature"], url).ref is None
 
 
+@pytest.mark.fast
 def test_unknown_git_tag(repo):
     with pytest.raises(ManifestUnknown):
         git_source("nosuchbranch", repo["path"])
@@ -114,6 +116,7 @@ def test_realise_through_git_source(repo, tmp_path):
     assert closure.roots["branchOnly"].endswith("-branch-only")
 
 
+@pytest.mark.fast
 def test_path_source_only_has_latest_and_its_revision_is_a_content_hash(tmp_path):
     source = sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(DEMO))
     digest = source.revision
@@ -144,6 +147,7 @@ def channel_dir(tmp_path: Path, **channels: str) -> str:
     return f"file://{root}"
 
 
+@pytest.mark.fast
 def test_channel_tags_resolve_to_commits_and_fetch_by_commit(tmp_path):
     url = channel_dir(tmp_path, nixos_unstable=COMMIT_A)
     archive = "https://example.org/archive/{rev}.tar.gz"
@@ -162,6 +166,7 @@ def test_channel_tags_resolve_to_commits_and_fetch_by_commit(tmp_path):
         sources.resolve("latest", channel="nixos-99.99", pkgs_repo=None, pkgs_path=None, channels_url=url)
 
 
+@pytest.mark.fast
 def test_moving_references_go_through_remember():
     asked = []
 
@@ -177,6 +182,7 @@ def test_moving_references_go_through_remember():
     assert source.revision == COMMIT_B and asked[-1] == "git:https://git.example/pkgs#main"
 
 
+@pytest.mark.fast
 def test_instances_share_a_channels_commit_until_it_expires(tmp_path):
     """Two instances over one cache build the same commit; after REVISION_TTL the channel is asked again."""
     url = channel_dir(tmp_path, nixos_unstable=COMMIT_A)

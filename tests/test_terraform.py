@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +24,8 @@ import pytest
 
 from builder.cache import BuildLease, Fact, ImageRecord
 from builder.config import SETTINGS, Config
+
+pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
 
 ROOT = Path(__file__).resolve().parent.parent
 TERRAFORM = ROOT / "terraform"
@@ -373,3 +377,18 @@ def test_outputs_give_a_host_at_the_root_and_a_pull_command():
     assert "service_config[0].uri" in host and '"https://"' in host
     assert output("registry_host")["value"] == "${local.registry_host}"
     assert output("pull_command")["value"] == "docker pull ${local.registry_host}/shell/hello"
+
+
+def test_the_archive_stub_turns_archive_file_into_a_local_the_module_still_parses(tmp_path):
+    # scripts/check-terraform validates such a copy: hashicorp/archive cannot be obtained offline.
+    for path in TERRAFORM.glob("*.tf"):
+        (tmp_path / path.name).write_text(path.read_text())
+    done = subprocess.run([sys.executable, ROOT / "scripts" / "stub-archive-file.py", tmp_path],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.tf")))
+    assert "archive_file_source = {" in text and "local.archive_file_source.output_path" in text
+    assert not re.search(r'data "archive_file"|data\.archive_file\.|hashicorp/archive', text)
+    for path in tmp_path.glob("*.tf"):
+        with path.open() as f:
+            hcl2.load(f)
