@@ -1,13 +1,9 @@
 """Deterministic tar layers, written and hashed in one streaming pass.
 
-A layer's digest is its identity across builds and across registry instances,
-so the same input must give the same bytes: members in sorted order, mtime 1,
-owner root with empty names, the store's own modes and symlink targets, PAX
-headers only where a name or size needs them, gzip without a timestamp.
-
-Bytes flow file -> tar -> (sha256 of the tar = diff_id) -> gzip -> (sha256,
-md5, size of what is written) -> `out`, through bounded buffers: a layer is
-never held in memory, and `out` needs nothing but `write`.
+The same store paths always give the same bytes (sorted members, fixed mtime and owner, gzip
+without a timestamp), since a layer's digest is its identity across builds and instances. The
+tar's sha256 (diff_id), and the written bytes' sha256, MD5 and size, are computed on the way to
+`out`, through bounded buffers: a layer is never held in memory. Why: docs/design.md, "Packing".
 """
 from __future__ import annotations
 

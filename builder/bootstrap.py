@@ -1,24 +1,9 @@
 """Nix for an instance that has none (Cloud Functions): fetched, verified and unpacked under /tmp.
 
-The runtime has no Nix and only /tmp is writable, so at the first build that
-needs Nix the pinned artefact (NIX_BOOTSTRAP_URL) is downloaded into WORK_DIR,
-its SHA-256 checked against NIX_BOOTSTRAP_SHA256 before a single byte of it is
-unpacked or run, and unpacked next to it. Two kinds of artefact work:
-
-- a tarball (.tar.xz, .tar.gz) holding a `bin/nix` somewhere inside, such as a
-  directory made from a static Nix build;
-- a single static `nix` executable (Nix's "buildStatic" output), which answers
-  as nix-build, nix-store, ... according to the name it is called by.
-
-The Nix binary has to be static (or at least not linked against /nix/store):
-the release tarballs of releases.nixos.org hold a Nix whose ELF interpreter is
-/nix/store/...-glibc/lib/ld-linux..., which cannot exist on the function.
-
-Nix is called through small wrappers in `<root>/bin`: they point HOME, the XDG
-directories and NIX_CONF_DIR under WORK_DIR, because the function's home is
-read-only and its /etc is not ours. So fetchTarball/fetchGit caches (the
-nixpkgs source) live as long as the instance and are reused by every build.
-The store itself is NIX_STORE_ROOT (a chroot store under /tmp).
+At the first build that needs Nix, the pinned artefact (NIX_BOOTSTRAP_URL: a static `nix`, or
+a tarball holding `bin/nix`) is downloaded into WORK_DIR and its SHA-256 checked against
+NIX_BOOTSTRAP_SHA256 before it is unpacked or run; wrappers in `<root>/bin` keep Nix's home,
+configuration and caches under WORK_DIR. Why static, and why wrappers: docs/design.md.
 """
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """From an image request to a stored, cached image: the build path in order.
 
-resolve the package source -> look in the cache -> take the build lease ->
-Nix realises the closure -> plan layers -> pack and store each new layer ->
-store config and manifests -> record the image in the cache.
-
-One build per image: threads of this instance share one in-flight build, and
-instances share a lease in the cache; the others wait for its result. The
-cache is an optimisation: when it fails, the request is served by building
-(and the failure logged as degraded), never answered with a 5xx.
+resolve the source -> cache -> build lease -> Nix closure -> layers -> pack and store new
+layers -> config and manifests -> cache record. One build per image: threads share one
+in-flight build, instances share a lease. A failing cache is served by building (logged as
+degraded), never answered with a 5xx.
 """
 from __future__ import annotations
 

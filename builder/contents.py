@@ -1,21 +1,9 @@
 """What an image holds besides its packages: users, the run-time user, the default command.
 
-The rules, in one place (README "What an image contains"):
-
-- Every image has `/etc/passwd` and `/etc/group` with `root` (0) and `nobody`
-  (65534), and an `/etc/nsswitch.conf` that looks users, groups and hosts up in
-  those files (what nixpkgs' dockerTools.fakeNss gives), so programs that ask
-  who they run as get an answer. These generated files win over a requested
-  package's own `/etc/passwd`, `/etc/group` or `/etc/nsswitch.conf`: the image
-  config's `User` must name a user the image has, whatever the packages ship.
-- The `nonroot` meta-package adds user and group `nonroot` (65532, as
-  distroless images have it) with the home `/home/nonroot` owned by it, and the
-  config runs as `65532:65532` with `HOME=/home/nonroot`. Other images run as
-  root, as Nixery's do.
-- The default command (`Cmd`, never `Entrypoint`, so `docker run IMAGE prog
-  args` still runs `prog`): `bash` when the image has the shell; otherwise,
-  for an image with exactly one requested package whose `meta.mainProgram`
-  names a program in its `bin/`, that program; otherwise none.
+Every image has /etc/passwd, /etc/group (root, nobody) and nsswitch.conf, which win over a
+package's own; the `nonroot` meta-package adds user 65532 and runs as it; `Cmd` (never
+`Entrypoint`) is `bash` with the shell, else a single package's `meta.mainProgram`, else none.
+The rules in full: docs/design.md, "Image contents".
 """
 from __future__ import annotations
 

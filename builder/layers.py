@@ -1,37 +1,9 @@
 """Grouping a runtime closure into at most `budget` layers.
 
-Reuse is the whole point of layering: a layer is shared between two images
-exactly when it holds the same set of store paths (same key, same digest), so
-the grouping of a store path must depend as little as possible on which other
-packages happen to be in the image.
-
-1. Under budget, every store path is a layer of its own. Such a layer depends
-   on nothing but the path itself, so any two images sharing a path share its
-   layer: the best reuse there is.
-
-2. Over budget, the `budget - 1` biggest paths keep their own layer (ties go
-   to the more popular path, then the name) and all the others share one
-   remainder layer. A path's size is a property of the path alone, the same
-   in every image, so the solo set is as stable across images as a rule can
-   make it, and the remainder, specific to the image and rarely reusable, holds
-   as few bytes as any split into `budget` layers can.
-
-Alternatives measured with bench/bench_layer_reuse.py (fraction of layer bytes
-already stored by earlier images; bench/RESULTS.md): nixpkgs'
-streamLayeredImage ranks by popularity first, which keeps small shared
-libraries solo at the expense of big leaf packages; Nixery groups dominator
-subtrees and merges them by popularity times size, and folding private
-dependencies into their dominator under budget pressure changes the
-dominator's layer from image to image. Both, and popularity-weighted size
-ratings, reused fewer bytes than size ranking on every budget tried.
-Popularity here can only mean popularity inside one closure (no global
-package statistics are available), which is a weak signal of what other
-images share.
-
-Layers come base-most first: a layer is emitted after every layer it depends
-on (the remainder can form a cycle with a solo layer; the cycle is then broken
-at its shallowest layer). Container runtimes key unpacked layers by the chain
-of layers below them, so a stable base-first order helps them as well.
+Under budget every store path is a layer of its own; over budget the `budget - 1` biggest
+paths keep their own layer and the rest share one remainder layer, so a path's layer depends
+as little as possible on the rest of the image. Layers come base-most first. Why size ranking,
+and what it was measured against: docs/design.md, "Layering".
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """Image names: what a client asks for, checked before anything else runs.
 
-`/v2/shell/git/htop/manifests/latest` asks for an image holding git and htop
-plus the shell meta-package. Nixery's rules, so its users switch without
-surprises: every path segment is a package attribute (dotted paths reach into
-nested sets); leading meta-packages `arm64` (build for aarch64-linux),
-`shell` (bash, coreutils, moreutils, nano) and `nonroot` (run as user 65532,
-not root); the always-included packages are
-added; the list is sorted and deduplicated so `git/htop` and `htop/git` are one
-image. Everything is validated against the spec's grammar and bounds here, so
-no Nix process ever starts for a name that fails, and no byte a client sends
-reaches Nix except as a JSON string of checked package names.
+`/v2/shell/git/htop/manifests/latest` asks for git and htop plus the shell meta-package
+(Nixery's rules: README "Image names"). Names, tags and digests are validated against the spec's
+grammar and bounds here, so no Nix process starts for a name that fails, and nothing a client
+sends reaches Nix except as a JSON string of checked package names.
 """
 from __future__ import annotations
 

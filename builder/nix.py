@@ -1,22 +1,9 @@
 """Running Nix: turn package names into a realised runtime closure.
 
-Three steps, each one Nix command:
-
-1. `nix-instantiate --eval --strict --json nix/image.nix`: resolve the names
-   against the package set and write their derivations. Unknown and broken
-   names come back as data, so one evaluation answers for all of them.
-2. `nix-store --realise DRV!OUTPUT ... --add-root DIR/r --indirect`: build or
-   substitute the outputs, registering GC roots so nothing the image needs can
-   be collected while layers are packed.
-3. `nix path-info --recursive --json`: the runtime closure with sizes and
-   references, which is all layer grouping needs.
-
-On the function the store lives in /tmp, which is memory, and grows with every
-image an instance builds; `collect_garbage` empties it of what no build holds.
-
-Nix never reads settings from the host here: every option that changes
-behaviour is passed on the command line, so the registry behaves the same
-whatever /etc/nix/nix.conf says (or whether it exists).
+Three commands: `nix-instantiate` resolves the names (unknown and broken ones come back as
+data), `nix-store --realise` builds or substitutes them under GC roots, `nix path-info` gives
+the closure with sizes and references. Every option is passed on the command line, so the host's
+nix.conf never changes behaviour; `collect_garbage` empties a store that lives in memory.
 """
 from __future__ import annotations
 

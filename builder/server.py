@@ -1,10 +1,9 @@
 """The server process around the function: settings functions-framework does not expose.
 
-functions-framework starts gunicorn with options of its own choosing. Two more are
-wanted here, and set through gunicorn's own configuration before the server starts:
-a `post_worker_init` hook that puts `on_stop` in front of each worker's SIGTERM
-handler (Cloud Run sends SIGTERM, then SIGKILL 10 s later, while gunicorn would let a
-build run on for minutes), and whatever `extra` settings the caller passes.
+Set through gunicorn's own configuration before functions-framework starts it: a
+`post_worker_init` hook that puts `on_stop` before each worker's SIGTERM handler (Cloud Run
+sends SIGKILL 10 s after SIGTERM, while gunicorn would let a build run on for minutes), and
+whatever `extra` settings the caller passes.
 """
 from __future__ import annotations
 

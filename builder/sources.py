@@ -1,22 +1,9 @@
 """Package sources: which package set an image tag means.
 
-Nixery's three ways to name a package set, one per variable:
-
-- NIXERY_PKGS_PATH: a local directory. Only the tag `latest` exists.
-- NIXERY_PKGS_REPO: a git repository. `latest` is the default branch's HEAD;
-  a branch or tag name resolves (with `git ls-remote`) to its commit; a
-  40-hex tag is that commit.
-- NIXERY_CHANNEL: a nixpkgs channel (or commit) fetched as a GitHub tarball.
-  `latest` is the channel; a 40-hex tag is that nixpkgs commit.
-
-Anything else is an unknown tag (MANIFEST_UNKNOWN), never a server error.
-
-Every source that can be is resolved to a `revision` naming its exact content:
-a commit for git and channels (a moving channel or branch is looked up once,
-and the answer shared through `remember`, i.e. the cache, with an expiry, so
-every instance builds the same commit and fetches the tarball by commit), and
-a content hash for a local path. Image labels and records of what names
-resolved to are keyed by it.
+One of NIXERY_PKGS_PATH (a directory: only `latest`), NIXERY_PKGS_REPO (a git repository:
+branches, tags, commits) or NIXERY_CHANNEL (a nixpkgs channel or commit). Each tag resolves to a
+`revision` naming the exact content (a commit, or a local path's content hash); anything else is
+an unknown tag (MANIFEST_UNKNOWN), never a server error. Details: docs/design.md.
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """The build cache: images built recently, layers already stored, build leases, facts.
 
-Two caches carried over from the seed (manifests built recently, layers
-already uploaded) plus the leases that let many instances run one build per
-image. A backend offers exactly this interface; `open_cache` (in
-`builder/config.py`) picks one from the configuration. The cache is an
-optimisation: callers treat a failing backend as a miss and build anyway.
-
-Records are written only after every blob they point at is stored.
-
-Facts are small JSON documents about package sources that other instances would
-otherwise have to ask the network or Nix for again (see builder/resolution.py):
-which commit a moving channel is at, what a package attribute resolved to, a store
-path's closure facts. Each has a kind, a key and an expiry; readers ignore expired ones.
+A backend offers exactly this interface; `open_cache` (in `builder/config.py`) picks one.
+The cache is an optimisation: callers treat a failing backend as a miss and build anyway.
+Records are written only after every blob they point at is stored; facts (which
+commit a channel is at, ...) carry a kind, a key and an expiry, and readers ignore expired ones.
 """
 from __future__ import annotations
 

@@ -1,31 +1,9 @@
 """The shared cache for deployments: Firestore (native mode), one database for all instances.
 
-Four collections, named `<prefix>manifests`, `<prefix>layers`, `<prefix>builds` and
-`<prefix>facts` (facts: the kind, key, expiry and the value as a JSON string).
-Document IDs are SHA-256 hex digests of the cache keys: keys are image names of up
-to a kilobyte and may hold `/`, which Firestore IDs cannot. Each document keeps its
-key too, and reads compare it, so a record never answers for another key.
-
-`expires_at` is stored as a Firestore timestamp so a TTL policy on that field (the
-deployment creates one for the manifests and builds collections) deletes old
-documents. TTL deletion lags by up to days, so every read checks it as well. The
-exact float given by the caller is stored next to it (`expires_at_unix`): a
-timestamp keeps microseconds only, and records should read back as written.
-
-Build leases: the first claim creates the lease document (`create()` is atomic and
-cheap, unlike contended transactions). A claim that finds an expired lease takes it
-over with an update conditioned on the lease's `update_time`: of two instances
-taking over one expired lease, the second's precondition fails, it re-reads and
-sees the winner's live lease. Releasing a lease is conditioned the same way, so a
-holder whose lease was taken over cannot delete its successor's.
-
-The cache is an optimisation, so no call may hang: every RPC has a short deadline
-and a retry budget of the same length. A build makes dozens of cache calls (one
-read and one write per layer), so after a call fails for want of Firestore the
-instance skips Firestore for a short cool-down and fails at once: a dead cache
-costs one deadline per cool-down, not one per call. All failures to reach
-Firestore, calls skipped in a cool-down, and documents this code cannot read
-raise `FirestoreUnavailable`; callers treat it as a miss and build.
+Collections `<prefix>manifests`, `layers`, `builds` and `facts`; document IDs are the SHA-256
+of the key, which each document also keeps and every read compares. Expired documents are
+ignored before the TTL policy deletes them. No call hangs: after a failure Firestore is skipped
+for a cool-down and `FirestoreUnavailable` (a cache miss to callers) is raised. Why: docs/design.md.
 """
 from __future__ import annotations
 

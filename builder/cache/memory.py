@@ -1,11 +1,8 @@
 """A per-instance memory in front of a shared cache.
 
-Image and layer records never change once written (an image key names its
-packages and source; a layer key names its store paths), so an instance may keep
-them until the image record's `expires_at` without asking the shared cache again.
-Misses are not remembered: another instance may build the image a moment later.
-Build leases change all the time and are always delegated. Facts are kept until
-their own `expires_at` (a moving channel's commit only briefly).
+Image and layer records never change once written, so they are kept until the image record's
+`expires_at` without asking the shared cache again; facts until their own expiry. Misses are
+not remembered (another instance may build a moment later) and build leases always go through.
 """
 from __future__ import annotations
 

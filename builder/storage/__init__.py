@@ -1,11 +1,9 @@
 """Content-addressed blob storage: layers, image configs and manifests.
 
-Every blob lives under its sha256 digest. A backend offers exactly this small
-interface; `open_storage` (in `builder/config.py`) picks one from the
-configuration. Blobs are written through an `Upload`: bytes are streamed into
-it while the caller computes the digest, and `commit` publishes them under
-their final name atomically, or skips the write when an object with the same
-MD5 is already there (the seed's upload check).
+Every blob lives under its sha256 digest; `open_storage` (in `builder/config.py`) picks a
+backend. Bytes stream into an `Upload` while the caller computes the digest; `commit` publishes
+them under their final name atomically, or skips the write when an object with the same MD5 is
+already there (so a layer two images share is stored once).
 """
 from __future__ import annotations
 

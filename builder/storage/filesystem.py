@@ -44,7 +44,7 @@ class FilesystemUpload:
         if written != size:
             self._path.unlink(missing_ok=True)
             raise ServerError(f"upload of {digest} wrote {written} bytes, expected {size}")
-        # The seed's check: an object already there with the same MD5 is kept as it is.
+        # The upload check: an object already there with the same MD5 is kept as it is.
         if final.exists() and final.stat().st_size == size and _md5_of_file(final) == md5_hex:
             self._path.unlink(missing_ok=True)
             return False

@@ -1,50 +1,9 @@
 """Blobs in a Google Cloud Storage bucket, served to clients through signed URLs.
 
-Layout: `blobs/sha256/<hex>` for every blob (layers, configs, manifests), so any
-instance serves what another built. Uploads in flight use `uploads/<random>`.
-
-Writing a blob. Bytes reach `Upload.write` before their digest is known (the
-digest is computed as the layer is packed), yet the seed's check needs the
-digest first: probe the final key, skip when the object there has the same
-MD5. Two ways were weighed:
-
-- spool to a temporary file and upload at commit: on Cloud Functions /tmp is
-  memory, so a layer costs its whole size in RAM, and the upload only starts
-  after packing ends;
-- stream a resumable upload to a temporary object while packing, and at commit
-  probe the final key: same MD5 -> cancel the session (nothing is finalized) and
-  skip; otherwise finalize, then copy server-side to the final key and delete
-  the temporary object.
-
-This module streams. Memory stays at one chunk (`chunk_size`, 16 MiB) instead
-of the whole layer, and the upload starts while the layer is still being
-packed. Against fake-gcs-server (bench/bench_gcs.py, bench/RESULTS.md) the
-streaming phase runs at the speed of a plain `upload_from_file` cut into the
-same chunks (ratio ~0.9); the emulator then copies the finished object to its
-final key byte by byte, which GCS does not: a copy within one bucket (same
-location and storage class) is a single rewrite call that moves no data, so
-commit() costs a few small requests, not a second transfer. A blob that fits
-in one chunk (configs, manifests, small layers) never opens a session: it goes
-up in one request straight to its final key.
-
-Integrity: the MD5 travels with the bytes (in the object metadata of a
-one-request upload, in the `x-goog-hash` of a session's last chunk), so GCS
-rejects bytes that do not match; the finalized temporary object's size and MD5
-are checked against the caller's before it is published. Nothing is ever
-visible under a final key before it is complete: GCS publishes an object only
-when its upload or copy completes, and the copy carries an
-`ifGenerationMatch` precondition so two instances racing on one blob leave
-exactly one object (the loser sees the winner's equal MD5 and skips). An
-upload failing midway raises `ServerError`; its session is abandoned (GCS
-drops it after a week) and at worst a finalized `uploads/` object is left,
-which a bucket lifecycle rule on that prefix deletes.
-
-Serving: `locate` answers a V4 signed URL valid `gcs_signed_url_ttl` seconds
-(or a plain URL in public-bucket mode). With a service-account key the URL is
-signed locally; without one (a deployed function has none) it is signed by the
-IAM Credentials `signBlob` API as the function's own service account. Signed
-URLs are reused for half their lifetime, so a popular layer costs one
-signature per few minutes, not one per pull.
+Every blob is `blobs/sha256/<hex>`. A blob of one chunk goes up in one request; a bigger one
+streams to `uploads/<random>` and is copied to its final key once complete and checked (size,
+MD5). Nothing incomplete is ever visible under a final key, and two instances racing on a blob
+leave one object. Why it streams, and how URLs are signed: docs/design.md, "Google Cloud Storage".
 """
 from __future__ import annotations
 
