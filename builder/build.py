@@ -309,12 +309,14 @@ class ImageBuilder:
     def _store_image(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
                      image_layers: list[manifest.Layer], closure: nix.Closure) -> ImageRecord:
         run = contents.run_settings(request, closure.roots, closure.info, self.store_root)
-        config_bytes = manifest.image_config(image_layers, request.architecture, run.env, run.cmd, run.user)
+        labels = contents.provenance(request, source, closure.info, closure.source_time)
+        config_bytes = manifest.image_config(image_layers, request.architecture, run.env, run.cmd, run.user,
+                                             labels, labels["org.opencontainers.image.created"])
         config_blob = manifest.Blob(manifest.digest_of(config_bytes), len(config_bytes))
         self.storage.put_bytes(config_blob.digest, config_bytes, "application/vnd.oci.image.config.v1+json")
         refs = []
         for media_type in manifest.MANIFEST_TYPES:
-            data = manifest.image_manifest(media_type, config_blob, image_layers)
+            data = manifest.image_manifest(media_type, config_blob, image_layers, labels)
             digest = manifest.digest_of(data)
             self.storage.put_bytes(digest, data, media_type)
             refs.append(ManifestRef(digest, len(data), media_type))

@@ -2,16 +2,18 @@
 
 Every image has /etc/passwd, /etc/group (root, nobody) and nsswitch.conf, which win over a
 package's own; the `nonroot` meta-package adds user 65532 and runs as it; `Cmd` (never
-`Entrypoint`) is `bash` with the shell, else a single package's `meta.mainProgram`, else none.
-The rules in full: docs/design.md, "Image contents".
+`Entrypoint`) is `bash` with the shell, else a single package's `meta.mainProgram`, else none;
+labels and annotations carry the OCI provenance keys. In full: docs/design.md, "Image contents".
 """
 from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
-from . import archive, names
+from . import archive, manifest, names
+from .sources import PackageSource
 
 NONROOT_ID = 65532
 NONROOT_HOME = "/home/nonroot"
@@ -78,3 +80,55 @@ def run_settings(request: names.ImageRequest, roots: dict[str, str], info: dict[
         cmd = (program,) if program else None
     user = f"{NONROOT_ID}:{NONROOT_ID}" if request.nonroot else None
     return RunSettings(tuple(env), cmd, user)
+
+
+_LICENSE_REF = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def license_expression(licenses: list[dict]) -> str | None:
+    """An SPDX expression for nixpkgs' `meta.license` (one or a list, all of which apply).
+
+    A license without an SPDX id (nixpkgs' `unfree`, say) becomes a `LicenseRef-` of its name.
+    """
+    terms = []
+    for entry in licenses:
+        spdx, name = entry.get("spdxId"), entry.get("name")
+        if isinstance(spdx, str) and spdx:
+            terms.append(spdx)
+        elif isinstance(name, str) and _LICENSE_REF.sub("-", name).strip("-"):
+            terms.append("LicenseRef-" + _LICENSE_REF.sub("-", name).strip("-"))
+    if not terms:
+        return None
+    unique = list(dict.fromkeys(terms))
+    return unique[0] if len(unique) == 1 else " AND ".join(f"({t})" if " " in t else t for t in unique)
+
+
+def created(source_time: int | None) -> str:
+    if source_time is None or source_time <= 0:
+        return manifest.CREATED
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(source_time))
+
+
+def provenance(request: names.ImageRequest, source: PackageSource, info: dict[str, dict],
+               source_time: int | None) -> dict[str, str]:
+    """The OCI image-spec annotation keys this image's config labels and manifest carry."""
+    labels = {
+        "org.opencontainers.image.title": request.title,
+        "org.opencontainers.image.created": created(source_time),
+    }
+    if source.revision:
+        labels["org.opencontainers.image.revision"] = source.revision
+    if source.kind != "path":
+        labels["org.opencontainers.image.source"] = source.location
+    if len(request.requested) == 1:
+        package = info.get(request.requested[0]) or {}
+        if isinstance(package.get("version"), str) and package["version"]:
+            labels["org.opencontainers.image.version"] = package["version"]
+        expression = license_expression(package.get("licenses") or [])
+        if expression:
+            labels["org.opencontainers.image.licenses"] = expression
+        if isinstance(package.get("description"), str) and package["description"]:
+            labels["org.opencontainers.image.description"] = package["description"]
+        if isinstance(package.get("homepage"), str) and package["homepage"]:
+            labels["org.opencontainers.image.url"] = package["homepage"]
+    return dict(sorted(labels.items()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -26,7 +26,8 @@ _LAYER_TYPE = {
     (OCI_MANIFEST, "tar"): "application/vnd.oci.image.layer.v1.tar",
 }
 
-# A fixed creation time keeps the config, and so every digest, reproducible.
+# A fixed creation time keeps the config, and so every digest, reproducible; images of a
+# package set whose commit time is known are created then (see contents.created).
 CREATED = "1970-01-01T00:00:01Z"
 
 
@@ -49,24 +50,28 @@ def digest_of(data: bytes) -> str:
 
 
 def image_config(layers: Sequence[Layer], architecture: str, env: Sequence[str], cmd: Sequence[str] | None,
-                 user: str | None = None) -> bytes:
+                 user: str | None = None, labels: Mapping[str, str] | None = None, created: str = CREATED) -> bytes:
     config: dict = {"Env": list(env)}
     if cmd:
         config["Cmd"] = list(cmd)
     if user:
         config["User"] = user
+    if labels:
+        config["Labels"] = dict(labels)
     document = {
         "architecture": architecture,
         "os": "linux",
-        "created": CREATED,
+        "created": created,
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
     }
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
-def image_manifest(media_type: str, config: Blob, layers: Sequence[Layer]) -> bytes:
-    document = {
+def image_manifest(media_type: str, config: Blob, layers: Sequence[Layer],
+                   annotations: Mapping[str, str] | None = None) -> bytes:
+    """A manifest of `media_type`; `annotations` go into OCI manifests (schema2 has no such field)."""
+    document: dict = {
         "schemaVersion": 2,
         "mediaType": media_type,
         "config": {"mediaType": _CONFIG_TYPE[media_type], "digest": config.digest, "size": config.size},
@@ -75,6 +80,8 @@ def image_manifest(media_type: str, config: Blob, layers: Sequence[Layer]) -> by
             for layer in layers
         ],
     }
+    if annotations and media_type == OCI_MANIFEST:
+        document["annotations"] = dict(sorted(annotations.items()))
     return json.dumps(document, indent=3).encode()
 
 

@@ -36,6 +36,9 @@ class ImageRequest:
     nonroot: bool = False  # the `nonroot` meta-package: run as user and group 65532
     # The packages the name asked for itself: no meta-package's, no always-included one.
     requested: tuple[str, ...] = ()
+    # The name in one spelling for all names that mean this image (meta-packages, then the
+    # requested packages, each sorted): `htop/git` and `git/htop` are both `git/htop`.
+    title: str = ""
 
     @property
     def system(self) -> str:
@@ -62,8 +65,10 @@ def parse_image_name(name: str, *, always_include: tuple[str, ...], max_packages
     packages: list[str] = []
     # Meta-packages count only at the front, as in Nixery: `shell/arm64/x` and `arm64/shell/x`.
     nonroot = False
+    metas: set[str] = set()
     while segments and segments[0] in META_PACKAGES:
         head = segments.pop(0)
+        metas.add(head)
         if head == "arm64":
             architecture = "arm64"
         elif head == "nonroot":
@@ -78,7 +83,8 @@ def parse_image_name(name: str, *, always_include: tuple[str, ...], max_packages
     if len(wanted) > max_packages:
         raise NameInvalid(f"an image holds at most {max_packages} packages, this name asks for {len(wanted)}", {"name": name})
     return ImageRequest(name=name, packages=tuple(wanted), architecture=architecture, nonroot=nonroot,
-                        requested=requested)
+                        requested=requested,
+                        title="/".join([*sorted(metas), *requested]) or "/".join(sorted(set(segments))))
 
 
 def check_tag(tag: str) -> None:
@@ -99,9 +105,11 @@ def check_digest(digest: str) -> None:
 
 
 def image_key(request: ImageRequest, source_identity: str) -> str:
-    """An unambiguous cache key: JSON keeps separators inside names from colliding."""
-    user = "nonroot" if request.nonroot else "root"
-    return json.dumps([request.architecture, list(request.packages), source_identity, IMAGE_FORMAT, user],
+    """An unambiguous cache key: JSON keeps separators inside names from colliding.
+
+    The title is in it because it is in the image (a label); it also tells `nonroot` apart.
+    """
+    return json.dumps([request.architecture, list(request.packages), source_identity, IMAGE_FORMAT, request.title],
                       separators=(",", ":"))
 
 

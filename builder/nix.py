@@ -72,6 +72,7 @@ class Closure:
     # requested name -> what the package set says of it: pname, version, mainProgram,
     # description, homepage (each str or None) and licenses ([{spdxId, name}]).
     info: dict[str, dict] = field(default_factory=dict)
+    source_time: int | None = None  # unix seconds of the package set's commit, where known (git)
 
 
 class NixError(Exception):
@@ -513,6 +514,8 @@ def realise(
         gc_root_dir=gc_root_dir,
         attrs={name: p["attr"] for name, p in resolved.items()},
         info={name: p.get("info") or {} for name, p in resolved.items()},
+        source_time=max((p["sourceTime"] for p in resolved.values() if isinstance(p.get("sourceTime"), int)),
+                        default=None),
     )
 
 

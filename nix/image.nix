@@ -12,7 +12,7 @@
 # or fail to evaluate with `throw`/`assert` (how nixpkgs marks broken, unfree
 # or insecure packages):
 #
-#   { packages = { "<name>" = { attr; drvPath; path; outputName; info; }; };
+#   { packages = { "<name>" = { attr; drvPath; path; outputName; info; sourceTime; }; };
 #     unknown = [ "<name>" ... ];   # no such attribute, or not a package
 #     failed = [ "<name>" ... ]; }  # evaluating the package threw
 #
@@ -105,7 +105,12 @@ let
     path = v.outPath;
     outputName = v.outputName or "out";
     info = packageInfo v;
+    inherit sourceTime;
   };
+
+  # When the package set's commit was made (unix seconds), where the fetcher
+  # knows it (fetchGit's lastModified); null for paths and tarballs.
+  sourceTime = if builtins.isAttrs src then src.lastModified or null else null;
 
   # What the image's labels, default command and SBOM say about a package, from
   # the attributes nixpkgs gives it: pname, version, meta.{mainProgram, license,

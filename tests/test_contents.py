@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
+import os
+import shutil
+import subprocess
 import tarfile
+from pathlib import Path
 
 from builder.manifest import OCI_MANIFEST
+
+DEMO = Path(__file__).resolve().parent.parent / "nix" / "demo"
 
 OCI = {"Accept": OCI_MANIFEST}
 
@@ -81,3 +86,63 @@ def test_no_default_command_without_exactly_one_package_with_a_main_program(shar
     assert "Cmd" not in image(shared_registry, "demopackages.nested")[1]["config"]
     # With the shell, bash stays the command.
     assert image(shared_registry, "shell/hello")[1]["config"]["Cmd"] == ["bash"]
+
+
+def test_provenance_labels_and_annotations_carry_the_oci_keys(shared_registry):
+    manifest, config = image(shared_registry, "hello")
+    labels = config["config"]["Labels"]
+    assert labels["org.opencontainers.image.title"] == "hello"
+    assert labels["org.opencontainers.image.version"] == "2.12.1"
+    assert labels["org.opencontainers.image.licenses"] == "GPL-3.0-or-later"
+    assert labels["org.opencontainers.image.url"] == "https://www.gnu.org/software/hello/"
+    # A local package set: its content hash is the revision; a server's folder is no source.
+    assert labels["org.opencontainers.image.revision"].startswith("sha256:")
+    assert len(labels["org.opencontainers.image.revision"]) == len("sha256:") + 64
+    assert "org.opencontainers.image.source" not in labels
+    # No commit time is known for a path: the fixed time keeps digests reproducible.
+    assert labels["org.opencontainers.image.created"] == config["created"] == "1970-01-01T00:00:01Z"
+    assert manifest["annotations"] == labels
+    # Schema2 manifests have no annotations; the labels are in the config all the same.
+    docker = shared_registry.get("/v2/hello/manifests/latest",
+                                 headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"}).json()
+    assert "annotations" not in docker and docker["config"]["digest"] == manifest["config"]["digest"]
+
+
+def test_several_packages_have_no_version_or_license_label_and_one_title_for_every_spelling(shared_registry):
+    manifest, config = image(shared_registry, "goodbye/hello")
+    labels = config["config"]["Labels"]
+    assert labels["org.opencontainers.image.title"] == "goodbye/hello"
+    assert "org.opencontainers.image.version" not in labels and "org.opencontainers.image.licenses" not in labels
+    # Another spelling of the same image is the same image, to the byte.
+    assert image(shared_registry, "hello/goodbye")[0] == manifest
+    # Licenses without an SPDX id are LicenseRefs.
+    labels = image(shared_registry, "7zip")[1]["config"]["Labels"]
+    assert labels["org.opencontainers.image.licenses"] == "LGPL-2.1-or-later AND LicenseRef-unRAR-restriction"
+
+
+def test_a_git_package_set_labels_its_commit_its_repository_and_its_commit_time(start_registry, tmp_path):
+    repo = tmp_path / "pkgs"
+    shutil.copytree(DEMO, repo)
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path), "GIT_AUTHOR_NAME": "T",
+           "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.org",
+           "GIT_AUTHOR_DATE": "2024-01-02T03:04:05Z", "GIT_COMMITTER_DATE": "2024-01-02T03:04:05Z"}
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "demo"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True,
+                            text=True, env=env).stdout.strip()
+    registry = start_registry({"NIXERY_PKGS_PATH": "", "NIXERY_PKGS_REPO": str(repo)})
+    manifest, config = image(registry, "hello")
+    labels = config["config"]["Labels"]
+    assert labels["org.opencontainers.image.revision"] == commit
+    assert labels["org.opencontainers.image.source"] == str(repo)
+    assert labels["org.opencontainers.image.created"] == config["created"] == "2024-01-02T03:04:05Z"
+    assert manifest["annotations"] == labels
+
+
+def test_two_instances_that_share_nothing_build_the_same_digests(start_registry, tmp_path):
+    digests = []
+    for n in range(2):
+        registry = start_registry(state_dir=tmp_path / f"instance{n}")
+        digests.append([registry.head("/v2/nonroot/shell/hello/manifests/latest", headers=accept).headers[
+            "Docker-Content-Digest"] for accept in (OCI, {"Accept": "application/vnd.docker.distribution.manifest.v2+json"})])
+    assert digests[0] == digests[1]

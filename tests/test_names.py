@@ -14,7 +14,7 @@ def test_packages_are_sorted_deduplicated_with_always_included():
     assert parse("hello/goodbye/hello").packages == ("cacert", "goodbye", "hello", "iana-etc")
     assert parse("goodbye/hello") == parse("hello/goodbye").__class__(
         name="goodbye/hello", packages=parse("hello/goodbye").packages, architecture="amd64",
-        requested=("goodbye", "hello"))
+        requested=("goodbye", "hello"), title="goodbye/hello")
 
 
 def test_shell_meta_package_and_arm64():
@@ -83,7 +83,15 @@ def test_image_key_is_unambiguous():
     assert names.image_key(a, "s") != names.image_key(b, "s")
     assert names.image_key(b, "s") != names.image_key(b, "t")
     assert names.image_key(b, "s") != names.image_key(names.ImageRequest("x", ("a", "b"), "arm64"), "s")
-    assert names.image_key(b, "s") != names.image_key(names.ImageRequest("x", ("a", "b"), "amd64", nonroot=True), "s")
+    assert names.image_key(b, "s") != names.image_key(
+        names.ImageRequest("x", ("a", "b"), "amd64", nonroot=True, title="nonroot/x"), "s")
+
+
+def test_every_spelling_of_an_image_has_one_title():
+    assert parse("htop/git").title == parse("git/htop").title == "git/htop"
+    assert parse("shell/nonroot/hello").title == parse("nonroot/shell/hello/hello").title == "nonroot/shell/hello"
+    assert parse("arm64/hello/cacert").title == "arm64/hello"
+    assert parse("shell").title == "shell"
 
 
 def test_media_type_from_accept_lines():

@@ -207,4 +207,4 @@ def test_realise_through_tarball_channel(tmp_path):
     source = sources.resolve("latest", channel=f"file://{tarball}", pkgs_repo=None, pkgs_path=None)
     assert source.to_nix() == {"kind": "channel", "url": f"file://{tarball}"}
     closure = nix.realise(["hello"], source, SYSTEM, NixSettings(timeout=300), str(tmp_path / "work"))
-    assert closure.roots["hello"].endswith("-hello")
+    assert closure.roots["hello"].endswith("-hello-2.12.1")
