@@ -205,11 +205,13 @@ class ImageBuilder:
         Another instance then starts the build on its next claim instead of waiting for
         the lease to lapse; requests waiting here end with a 503 the client retries.
         """
+        if self.stopping.is_set():
+            return  # SIGTERM may come twice: to the process group, then from gunicorn's master
         self.stopping.set()
-        ended = self.running.terminate_all(grace)
         released = self.leases.release_all()
-        for key, holder in released:
+        for key, holder in released:  # first: another instance may start while Nix ends here
             self._cache_call("lease release", self.cache.finish_build, key, holder, None, 0)
+        ended = self.running.terminate_all(grace)
         self.log("shutdown", "instance stopping: builds ended, leases released", nix_processes=ended,
                  leases=len(released))
 

@@ -70,7 +70,7 @@ class LeaseKeeper:
 
 def instance_memory_bytes() -> int:
     """The memory this instance may use: its cgroup's limit, else the machine's memory."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in _cgroup_memory_limit_files():
         try:
             raw = open(path).read().strip()
         except OSError:
@@ -82,6 +82,22 @@ def instance_memory_bytes() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     raise OSError("cannot tell this machine's memory")
+
+
+def _cgroup_memory_limit_files() -> list[str]:
+    """The limit files of this process's own cgroup, v2 ("0::/path") or v1 ("N:memory:/path")."""
+    files = []
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return files
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files.append(f"/sys/fs/cgroup{path.rstrip('/')}/memory.max")
+        elif "memory" in controllers.split(","):
+            files.append(f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.limit_in_bytes")
+    return files
 
 
 def build_slots_for(memory_bytes: int, build_memory_bytes: int) -> int:

@@ -3,11 +3,9 @@ driven through the official clients by real registry processes and real registry
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 import sqlite3
 import threading
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -15,10 +13,10 @@ import pytest
 import requests
 
 from builder.manifest import OCI_MANIFEST
+from tests.demo_variants import slow_demo
 from tests.test_clients import skopeo_to_oci, unpack_and_run
 
 OCI = {"Accept": OCI_MANIFEST}
-DEMO = Path(__file__).resolve().parent.parent / "nix" / "demo"
 
 
 def generations(bucket) -> dict[str, int]:
@@ -154,19 +152,6 @@ def test_twenty_concurrent_cold_requests_over_two_instances_run_one_build(start_
     assert [r.status_code for r in responses] == [200] * 20
     assert len({r.headers["Docker-Content-Digest"] for r in responses}) == 1
     assert sum(len(r.builds()) for r in registries) == 1
-
-
-def slow_demo(tmp_path: Path, seconds: int) -> Path:
-    """A copy of the demo set never built before, whose `hello` takes `seconds` to build."""
-    copy = tmp_path / "demo"
-    shutil.copytree(DEMO, copy)
-    default = copy / "default.nix"
-    anchor = 'export PATH="$TMPDIR/.bin"'
-    text = default.read_text()
-    assert anchor in text
-    default.write_text(text.replace(anchor, f'{anchor}; SLOW_{uuid.uuid4().hex}=1; '
-                                              f'if [ "$name" = hello ]; then sleep {seconds}; fi', 1))
-    return copy
 
 
 def test_a_dead_build_holder_is_taken_over(start_registry, cloud_env, tmp_path):

@@ -62,6 +62,7 @@ def make_builder(tmp_path, monkeypatch):
     made: list[ImageBuilder] = []
 
     def make(builds: FakeBuilds, cache=None, **settings) -> ImageBuilder:
+        (tmp_path / "pkgs").mkdir(exist_ok=True)
         config = Config(pkgs_path=str(tmp_path / "pkgs"), work_dir=str(tmp_path / f"work{len(made)}"),
                         build_lease_seconds=LEASE, nix_timeout=5, build_concurrency=4, **settings)
         builder = ImageBuilder(config, FilesystemStorage(str(tmp_path / "storage")),
@@ -76,7 +77,7 @@ def make_builder(tmp_path, monkeypatch):
 
 
 def key_of(builder: ImageBuilder, name: str = "hello") -> str:
-    return names.image_key(request(name), f"path:{builder.config.pkgs_path}")
+    return names.image_key(request(name), builder.resolve_source("latest").identity)
 
 
 def test_a_build_longer_than_its_lease_keeps_it_by_heartbeat(make_builder):
