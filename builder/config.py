@@ -95,6 +95,8 @@ class Config:
     work_dir: str = setting("WORK_DIR", "/tmp/nixery")
     nix_bootstrap_url: str | None = setting("NIX_BOOTSTRAP_URL")
     nix_bootstrap_sha256: str | None = setting("NIX_BOOTSTRAP_SHA256")
+    # A static Nix fetched by store path from NIX_SUBSTITUTERS, signed by NIX_TRUSTED_PUBLIC_KEYS.
+    nix_bootstrap_store_path: str | None = setting("NIX_BOOTSTRAP_STORE_PATH")
 
     # Storage
     storage_backend: str = setting("NIXERY_STORAGE_BACKEND", "filesystem")  # filesystem | gcs
@@ -163,6 +165,13 @@ class Config:
             raise ServerError("configuration: BUILD_CONCURRENCY must be 0 (by memory) or more")
         if self.nix_bootstrap_url and not self.nix_bootstrap_sha256:
             raise ServerError("configuration: NIX_BOOTSTRAP_URL needs NIX_BOOTSTRAP_SHA256")
+        if self.nix_bootstrap_store_path and not self.nix_bootstrap_url and not (
+            self.nix_substituters.split() and self.nix_trusted_public_keys.split()
+        ):
+            raise ServerError(
+                "configuration: NIX_BOOTSTRAP_STORE_PATH needs NIX_SUBSTITUTERS and NIX_TRUSTED_PUBLIC_KEYS "
+                "(the binary cache it comes from and the key that signs it)"
+            )
         if self.storage_backend not in ("filesystem", "gcs"):
             raise ServerError("configuration: NIXERY_STORAGE_BACKEND must be filesystem or gcs")
         if self.storage_backend == "gcs" and not self.gcs_bucket:

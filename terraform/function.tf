@@ -16,10 +16,13 @@ locals {
     MAX_PACKAGES = tostring(var.max_packages)
     MANIFEST_TTL = tostring(var.manifest_ttl)
 
-    # The runtime has no Nix: a static one is fetched at the first build, checked against
-    # the pinned hash, and keeps its store in /tmp (the only writable place, held in memory).
-    NIX_BOOTSTRAP_URL       = var.nix_bootstrap_url
-    NIX_BOOTSTRAP_SHA256    = var.nix_bootstrap_sha256
+    # The runtime has no Nix: a static one is fetched at the first build by store path from
+    # the binary cache (signature and NAR hash checked), or from an operator's mirror
+    # (NIX_BOOTSTRAP_URL, checked against its SHA-256), and keeps its store in /tmp (the only
+    # writable place, held in memory).
+    NIX_BOOTSTRAP_STORE_PATH = var.nix_bootstrap_store_path
+    NIX_BOOTSTRAP_URL        = var.nix_bootstrap_url
+    NIX_BOOTSTRAP_SHA256     = var.nix_bootstrap_sha256
     NIX_SUBSTITUTERS        = var.nix_substituters
     NIX_TRUSTED_PUBLIC_KEYS = var.nix_trusted_public_keys
     NIX_MAX_JOBS            = var.nix_max_jobs
@@ -120,6 +123,10 @@ resource "google_cloudfunctions2_function" "registry" {
     precondition {
       condition     = (var.nixpkgs_channel != "") != (var.nixpkgs_repo != "")
       error_message = "Set exactly one of nixpkgs_channel and nixpkgs_repo."
+    }
+    precondition {
+      condition     = (var.nix_bootstrap_url == "") == (var.nix_bootstrap_sha256 == "")
+      error_message = "Set nix_bootstrap_url and nix_bootstrap_sha256 together (a mirrored Nix and its sha256), or neither (the Nix comes from nix_bootstrap_store_path)."
     }
     precondition {
       condition     = var.nix_timeout < var.timeout_seconds

@@ -75,20 +75,36 @@ variable "signed_url_ttl" {
 
 # --- Nix -----------------------------------------------------------------------------
 
-variable "nix_bootstrap_url" {
-  description = "NIX_BOOTSTRAP_URL: the Nix the function fetches at its first build (the runtime has no Nix). It must be a static Nix (one executable, or a tarball holding bin/nix): the release tarballs of releases.nixos.org link against /nix/store and cannot run there. Pinned to one Hydra build of Nix's buildStatic job; change together with nix_bootstrap_sha256."
+variable "nix_bootstrap_store_path" {
+  description = "NIX_BOOTSTRAP_STORE_PATH: the static Nix the function fetches at its first build (the runtime has no Nix), by store path from the first of nix_substituters that has it, verified by its narinfo's signature (nix_trusted_public_keys) and NAR hash. cache.nixos.org keeps every path it has served. Must be a static Nix (nixStatic / pkgsStatic.nix): other builds link against /nix/store and cannot run there. nixpkgs needs Nix 2.18 or newer."
   type        = string
-  default     = "https://hydra.nixos.org/build/252984554/download/1/nix"
+  default     = "/nix/store/vy6a19illla21fmm9shgzgrwxqgpra5j-nix-static-x86_64-unknown-linux-musl-2.28.5"
+
+  validation {
+    condition     = can(regex("^/nix/store/[0-9abcdfghijklmnpqrsvwxyz]{32}-nix-[A-Za-z0-9+._?=-]+$", var.nix_bootstrap_store_path))
+    error_message = "nix_bootstrap_store_path must be a Nix store path such as /nix/store/<32 base-32 characters>-nix-static-x86_64-unknown-linux-musl-<version>."
+  }
+}
+
+variable "nix_bootstrap_url" {
+  description = "NIX_BOOTSTRAP_URL: an override for operators who mirror the Nix binary: a static Nix (one executable, or a tarball holding bin/nix) fetched instead of nix_bootstrap_store_path. \"\" (the default) uses the store path. Set together with nix_bootstrap_sha256."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.nix_bootstrap_url == "" || can(regex("^https://", var.nix_bootstrap_url))
+    error_message = "nix_bootstrap_url must be \"\" (use nix_bootstrap_store_path) or an https:// URL."
+  }
 }
 
 variable "nix_bootstrap_sha256" {
-  description = "NIX_BOOTSTRAP_SHA256: hex SHA-256 of the file at nix_bootstrap_url, checked before it runs."
+  description = "NIX_BOOTSTRAP_SHA256: hex SHA-256 of the file at nix_bootstrap_url, checked before it runs (only with nix_bootstrap_url)."
   type        = string
-  default     = "38210b415219914878fecff03a2b2d11c55bc5207cf1be18f91d5234aea89d65"
+  default     = ""
 
   validation {
-    condition     = can(regex("^[0-9a-f]{64}$", var.nix_bootstrap_sha256))
-    error_message = "nix_bootstrap_sha256 must be 64 lower-case hex digits."
+    condition     = var.nix_bootstrap_sha256 == "" || can(regex("^[0-9a-f]{64}$", var.nix_bootstrap_sha256))
+    error_message = "nix_bootstrap_sha256 must be 64 lower-case hex digits (the output of sha256sum of the file at nix_bootstrap_url)."
   }
 }
 

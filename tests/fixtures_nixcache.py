@@ -4,13 +4,15 @@ Load with `pytest_plugins = ["tests.fixtures_nixcache"]`.
 
 - `nix_artefact`: the machine's Nix packaged by `scripts/make-nix-artefact` (a
   .tar.xz holding bin/nix), served by a loopback HTTP server, with its sha256 —
-  what NIX_BOOTSTRAP_URL and NIX_BOOTSTRAP_SHA256 name in production. Debian's Nix
+  what NIX_BOOTSTRAP_URL and NIX_BOOTSTRAP_SHA256 name for a mirrored Nix. Debian's Nix
   is linked against the machine's libraries, which is fine on this machine;
   production uses a static Nix build.
 - `binary_cache`: demo packages (nix/demo) built in a chroot store of their own,
   signed with a freshly generated key and copied with `nix copy --to file://...`,
   then served over HTTP exactly as cache.nixos.org serves nixpkgs. `goodbye` is
-  left out on purpose: it is the package the cache does not have.
+  left out on purpose: it is the package the cache does not have. The cache also
+  holds the machine's Nix published as a store path laid out like a static Nix's
+  (`nix_store_path`): what NIX_BOOTSTRAP_STORE_PATH names in production.
 
 Both are real: real Nix builds the cache, real HTTP serves it. A missing tool
 fails the tests instead of skipping them.
@@ -140,6 +142,7 @@ class BinaryCache:
     root: Path
     store_paths: dict[str, str]  # attribute -> output path
     server: FileServer
+    nix_store_path: str = ""  # the published Nix
 
 
 def make_nix_artefact(out: Path) -> str:
@@ -149,27 +152,58 @@ def make_nix_artefact(out: Path) -> str:
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
-def make_binary_cache(root: Path, packages=CACHED_PACKAGES) -> tuple[str, dict[str, str]]:
-    """Build `packages` of the demo set and copy their closures, signed, into a file:// cache.
+# The name of the published Nix's store path (production: nix-static-x86_64-unknown-linux-musl-<version>).
+PUBLISHED_NIX_NAME = "nix-static-for-tests"
 
-    Returns the public key (`name:base64`) and the output path of each package.
+
+def publish_nix(store: Path, scratch: Path) -> str:
+    """The machine's Nix added to the chroot `store` as a static Nix's store path is laid out.
+
+    bin/nix plus each command name as a relative link to it. Returns the store path.
+    """
+    require_tools("nix")
+    tree = scratch / PUBLISHED_NIX_NAME
+    (tree / "bin").mkdir(parents=True)
+    shutil.copyfile(os.path.realpath(shutil.which("nix")), tree / "bin" / "nix")
+    (tree / "bin" / "nix").chmod(0o555)
+    for name in ("nix-build", "nix-instantiate", "nix-store", "nix-env", "nix-hash", "nix-prefetch-url",
+                 "nix-collect-garbage", "nix-channel", "nix-shell", "nix-copy-closure"):
+        (tree / "bin" / name).symlink_to("nix")
+    path = run(["nix", *NIX_OPTIONS, "--store", str(store), "store", "add-path", str(tree),
+                "--name", PUBLISHED_NIX_NAME]).stdout.strip()
+    shutil.rmtree(tree)
+    return path
+
+
+def make_binary_cache(root: Path, packages=CACHED_PACKAGES, compression: str = "xz",
+                      key_name: str = "nixery-test-cache-1") -> tuple[str, dict[str, str]]:
+    """Build `packages` of the demo set and copy their closures, signed, into a file:// cache (`root/cache`).
+
+    The machine's Nix goes in too, as store path `<result>["nix"]` (see `publish_nix`).
+    Returns the public key (`name:base64`) and the output path of each package; the
+    secret key stays in `root/cache-key.sec`.
     """
     require_tools("nix", "nix-build", "nix-store")
     root.mkdir(parents=True, exist_ok=True)
     store = root / "build-store"  # a chroot store: nothing touches the machine's /nix
     cache = root / "cache"
     secret, public = root / "cache-key.sec", root / "cache-key.pub"
-    run(["nix-store", "--generate-binary-cache-key", "nixery-test-cache-1", str(secret), str(public)])
-    args = ["nix-build", "--no-out-link", *NIX_OPTIONS, "--option", "store", str(store), str(DEMO)]
-    for package in packages:
-        args += ["-A", package]
-    outputs = run(args).stdout.split()
-    run(["nix", *NIX_OPTIONS, "--store", str(store), "store", "sign", "--key-file", str(secret), "--recursive", *outputs])
-    run(["nix", *NIX_OPTIONS, "--store", str(store), "copy", "--to", f"file://{cache}", *outputs])
+    run(["nix-store", "--generate-binary-cache-key", key_name, str(secret), str(public)])
+    outputs = []
+    if packages:
+        args = ["nix-build", "--no-out-link", *NIX_OPTIONS, "--option", "store", str(store), str(DEMO)]
+        for package in packages:
+            args += ["-A", package]
+        outputs = run(args).stdout.split()
+    nix_path = publish_nix(store, root)
+    paths = [*outputs, nix_path]
+    run(["nix", *NIX_OPTIONS, "--store", str(store), "store", "sign", "--key-file", str(secret), "--recursive", *paths])
+    run(["nix", *NIX_OPTIONS, "--store", str(store), "copy", "--to", f"file://{cache}?compression={compression}",
+         *paths])
     shutil.rmtree(store, ignore_errors=True)
     if not (cache / "nix-cache-info").exists():
         raise RuntimeError(f"nix copy made no binary cache in {cache}")
-    return public.read_text().strip(), dict(zip(packages, outputs))
+    return public.read_text().strip(), {**dict(zip(packages, outputs)), "nix": nix_path}
 
 
 @pytest.fixture(scope="session")
@@ -188,10 +222,11 @@ def nix_artefact(tmp_path_factory) -> NixArtefact:
 def binary_cache(tmp_path_factory) -> BinaryCache:
     root = tmp_path_factory.mktemp("binary-cache")
     public_key, store_paths = make_binary_cache(root)
+    nix_store_path = store_paths.pop("nix")
     server = FileServer(root / "cache").start()
     try:
         yield BinaryCache(url=server.url, public_key=public_key, root=root / "cache", store_paths=store_paths,
-                          server=server)
+                          server=server, nix_store_path=nix_store_path)
     finally:
         server.stop()
 

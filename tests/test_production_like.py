@@ -9,12 +9,14 @@ NIX_STORE_ROOT=/tmp/nix and WORK_DIR=/tmp/nixery are used verbatim.
 """
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.fixtures_nixcache import (
     NOBODY, UNCACHED_PACKAGE, CloudFunction, function_root, make_function_source, require_tools,
@@ -35,7 +37,7 @@ def function_source():
 
 
 @pytest.fixture
-def function_env(function_source, tmp_path, nix_artefact, binary_cache, gcs_emulator, gcs_bucket,
+def function_env(function_source, tmp_path, binary_cache, gcs_emulator, gcs_bucket,
                  gcs_service_account_key, firestore_emulator) -> dict[str, str]:
     """Terraform's environment, each cloud service swapped for its local stand-in."""
     key = function_source / "secrets" / f"key-{gcs_bucket.name}.json"
@@ -49,8 +51,8 @@ def function_env(function_source, tmp_path, nix_artefact, binary_cache, gcs_emul
         **gcs_emulator.env(),
         **firestore_emulator.env(),
         "FIRESTORE_DATABASE": "(default)",
-        "NIX_BOOTSTRAP_URL": nix_artefact.url,
-        "NIX_BOOTSTRAP_SHA256": nix_artefact.sha256,
+        # A Nix from the signed binary cache by store path, as terraform pins one from cache.nixos.org.
+        "NIX_BOOTSTRAP_STORE_PATH": binary_cache.nix_store_path,
         "NIX_SUBSTITUTERS": binary_cache.url,
         "NIX_TRUSTED_PUBLIC_KEYS": binary_cache.public_key,
         # nixpkgs in production; the demo set here (read-only, in the deployed source).
@@ -58,6 +60,7 @@ def function_env(function_source, tmp_path, nix_artefact, binary_cache, gcs_emul
     })
     assert env["NIX_STORE_ROOT"].startswith("/tmp/") and env["WORK_DIR"].startswith("/tmp/")
     assert env["NIX_MAX_JOBS"] == "0"
+    assert not env.get("NIX_BOOTSTRAP_URL"), "terraform's default is the store path, not a URL"
     return env
 
 
@@ -87,7 +90,7 @@ def error_of(response) -> dict:
 
 
 def test_cold_instance_bootstraps_nix_builds_and_a_fresh_instance_serves_without_nix(
-    start_function, function_env, tmp_path, binary_cache, nix_artefact
+    start_function, function_env, tmp_path, binary_cache
 ):
     first = start_function(function_env)
     assert first.events("nix-bootstrap") == []  # nothing at start-up: Nix comes with the first build
@@ -104,7 +107,8 @@ def test_cold_instance_bootstraps_nix_builds_and_a_fresh_instance_serves_without
     assert (ran.returncode, ran.stdout) == (0, "Hello, world!\n"), ran.stderr
 
     [booted] = first.events("nix-bootstrap")
-    assert booted["result"] == "ready" and booted["sha256"] == nix_artefact.sha256
+    assert booted["result"] == "ready" and booted["store_path"] == binary_cache.nix_store_path
+    assert booted["cache"] == binary_cache.url
     [built] = first.events("nix-build")
     assert built["result"] == "built"
     # The store and the work files live in the instance's /tmp, owned by nobody.
@@ -139,9 +143,23 @@ def test_a_package_missing_from_the_binary_cache_is_a_clear_4xx(start_function, 
     assert UNCACHED_PACKAGE in error["message"] and "binary cache" in error["message"]
 
 
+def test_a_nix_signed_by_an_untrusted_key_is_refused_and_the_client_is_told(start_function, function_env):
+    other = base64.b64encode(Ed25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    function = start_function({**function_env, "NIX_TRUSTED_PUBLIC_KEYS": f"other-1:{other}"})
+    for attempt in range(2):  # each request tries again; nothing half-made is reused
+        response = function.get("/v2/hello/manifests/latest")
+        assert response.status_code == 500, response.text
+        assert "no valid signature by a trusted key" in error_of(response)["message"]
+        assert function_env["NIX_BOOTSTRAP_STORE_PATH"] in error_of(response)["message"]
+    refused = function.events("nix-bootstrap")
+    assert [e["result"] for e in refused] == ["failed", "failed"] and refused[0]["severity"] == "ERROR"
+    assert not list((function.tmp() / "nixery" / "nix-bootstrap").rglob("bin"))
+    assert not (function.tmp() / "nix").exists()
+
+
 def test_a_wrong_artefact_checksum_is_refused_before_anything_runs(start_function, function_env, nix_artefact):
     wrong = "0" * 64
-    function = start_function({**function_env, "NIX_BOOTSTRAP_SHA256": wrong})
+    function = start_function({**function_env, "NIX_BOOTSTRAP_URL": nix_artefact.url, "NIX_BOOTSTRAP_SHA256": wrong})
     response = function.get("/v2/hello/manifests/latest")
     assert response.status_code == 500, response.text
     [refused] = function.events("nix-bootstrap")

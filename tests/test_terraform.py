@@ -34,7 +34,7 @@ BUILDER = ROOT / "builder"
 # Settings without a default, yet deliberately not set by terraform.
 NOT_SET_BY_TERRAFORM = {
     "NIXERY_PKGS_PATH": "a package set on the local disk; the cloud uses a channel or a repository",
-    "NIX_BIN_DIR": "where Nix lives; the function bootstraps its own from NIX_BOOTSTRAP_URL",
+    "NIX_BIN_DIR": "where Nix lives; the function bootstraps its own from NIX_BOOTSTRAP_STORE_PATH",
     "GOOGLE_CLOUD_PROJECT": "fallback for FIRESTORE_PROJECT, which terraform sets",
     "STORAGE_EMULATOR_HOST": "tests only: the cloud talks to Google's endpoint",
     "GOOGLE_APPLICATION_CREDENTIALS": "the function runs as its service account, with no key file",
@@ -186,14 +186,20 @@ def test_the_defaults_make_a_valid_cloud_configuration():
     assert config.nix_timeout < int(resolve(one(function()["service_config"])["timeout_seconds"]))
 
 
-def test_nix_bootstrap_is_pinned():
+def test_nix_bootstrap_is_pinned_by_store_path_on_the_trusted_cache():
     env = environment()
-    url = resolve(env["NIX_BOOTSTRAP_URL"])
-    digest = resolve(env["NIX_BOOTSTRAP_SHA256"])
-    assert url.startswith("https://") and "latest" not in url, url  # one fixed artefact
-    # builder/bootstrap.py needs a static Nix: the release tarballs link against /nix/store.
-    assert not re.search(r"releases\.nixos\.org/nix/.*-linux\.tar\.xz$", url), url
-    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    store_path = resolve(env["NIX_BOOTSTRAP_STORE_PATH"])
+    # One fixed path of nixpkgs' static Nix (nixStatic), new enough for nixpkgs (>= 2.18).
+    match = re.fullmatch(r"/nix/store/[0-9a-df-np-sv-z]{32}-nix-static-x86_64-unknown-linux-musl-(\d+)\.(\d+)\.\d+",
+                         store_path)
+    assert match and (int(match.group(1)), int(match.group(2))) >= (2, 18), store_path
+    # It comes from the substituter the builds use, verified by the key they trust.
+    assert resolve(env["NIX_SUBSTITUTERS"]) == "https://cache.nixos.org"
+    # The mirror override is off by default, and only comes with its checksum.
+    assert resolve(env["NIX_BOOTSTRAP_URL"]) == "" and resolve(env["NIX_BOOTSTRAP_SHA256"]) == ""
+    preconditions = one(function()["lifecycle"])["precondition"]
+    assert any("nix_bootstrap_url" in p["condition"] and "nix_bootstrap_sha256" in p["condition"]
+               for p in preconditions)
 
 
 # --- Firestore -----------------------------------------------------------------------
