@@ -33,12 +33,14 @@ locals {
   }
 
   # functions-framework's server (gunicorn): Python runs one thread at a time per process,
-  # so one worker process per vCPU, the instance's request concurrency split between them.
+  # so one worker process per vCPU. A request waiting for a build holds its thread, and the
+  # kernel may hand every connection to one worker: each worker gets a thread for every request
+  # the instance may be sent, so waiting requests never starve warm ones.
   # Builds in different workers meet in the Firestore build lease and the shared Nix store.
   workers = max(1, floor(tonumber(var.cpu)))
   server_environment = {
     WORKERS = tostring(local.workers)
-    THREADS = tostring(ceil(var.concurrency / local.workers))
+    THREADS = tostring(var.concurrency)
   }
 
   # Exactly one is set (checked below); the other stays unset rather than empty.
