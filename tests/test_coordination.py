@@ -18,6 +18,8 @@ from builder.config import Config
 from builder.coordination import BuildSlots, LeaseKeeper, build_slots_for
 from builder.storage.filesystem import FilesystemStorage
 
+pytestmark = pytest.mark.fast  # in-process: part of scripts/test-fast
+
 LEASE = 0.6  # seconds: short, so takeovers happen within a test
 
 
