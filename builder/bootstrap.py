@@ -27,7 +27,7 @@ from typing import Callable
 
 import zstandard
 
-from . import nar, narinfo
+from . import nar, narinfo, nix
 from .config import Config
 from .errors import ServerError
 
@@ -120,7 +120,7 @@ def _bootstrap(config: Config, url: str, expected: str, root: Path, log: Callabl
         duration=round(time.monotonic() - started, 3),
         download_seconds=round(downloaded - started, 3),
         unpack_seconds=round(time.monotonic() - downloaded, 3),
-        artefact_bytes=size, unpacked_bytes=tree_size(unpacked),
+        artefact_bytes=size, unpacked_bytes=nix.tree_bytes(str(unpacked)),
     )
     return str(bin_dir)
 
@@ -419,15 +419,3 @@ def nix_version(bin_dir: Path) -> str:
         error = result.stderr.decode("utf-8", "replace").replace("\x00", "").strip()[-500:]
         raise ServerError(f"the bootstrapped Nix does not run (exit {result.returncode}): {error}")
     return output.splitlines()[0]
-
-
-def tree_size(path: Path) -> int:
-    """Bytes of the regular files under `path` (links not followed)."""
-    total = 0
-    for directory, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(directory, name)).st_size
-            except OSError:
-                pass
-    return total

@@ -535,9 +535,32 @@ def _store_lock(settings: NixSettings, mode: int):
 
 
 def store_bytes_used(settings: NixSettings) -> int:
-    """Bytes used on the filesystem holding the store: on the function that is /tmp, in memory."""
-    stat = os.statvfs(settings.store or "/nix/store")
-    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    """Bytes the store holds: the sizes of the files under its root (a chroot store's database too).
+
+    Not statvfs of its filesystem: that also counts whatever else lives there (all of /tmp on
+    the function), and under gVisor statvfs of an in-memory /tmp reports about 2^63 bytes.
+    """
+    return tree_bytes(settings.store or "/nix/store")
+
+
+def tree_bytes(root: str) -> int:
+    """Sum of the sizes of the regular files and links under `root`, links not followed."""
+    total, pending = 0, [root]
+    while pending:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:  # gone meanwhile (a concurrent garbage collection), or unreadable
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    else:
+                        total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+    return total
 
 
 def collect_garbage(settings: NixSettings) -> bool:

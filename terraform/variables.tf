@@ -133,7 +133,7 @@ variable "nix_timeout" {
 }
 
 variable "nix_gc_above_bytes" {
-  description = "NIX_GC_ABOVE_BYTES: after a build, an instance empties its Nix store (in /tmp, which is memory) of everything no running build holds once /tmp holds more than this. Keep it well below memory."
+  description = "NIX_GC_ABOVE_BYTES: after a build, an instance empties its Nix store (in /tmp, which is memory) of everything no running build holds once the store holds more than this (the sizes of its files, measured by walking it: statvfs of /tmp is meaningless under gVisor). Keep it well below memory."
   type        = number
   default     = 1073741824
 }
