@@ -296,7 +296,7 @@ class ImageBuilder:
         Returns the layer and whether it was packed now.
         """
         seen = self._cache_call("layer read", self.cache.get_layer, layer_key)
-        if seen is not None and self.storage.stat(seen.digest) is not None:
+        if seen is not None and self.reusable(seen):
             return manifest.Layer(seen.digest, seen.diff_id, seen.size, self._layer_format()), False
         with self.storage.upload() as upload:
             packed = pack(upload)
@@ -304,6 +304,30 @@ class ImageBuilder:
         record = LayerRecord(layer_key, packed.digest, packed.diff_id, packed.size, packed.md5)
         self._cache_call("layer write", self.cache.put_layer, record)
         return manifest.Layer(packed.digest, packed.diff_id, packed.size, self._layer_format()), True
+
+    def reusable(self, layer: LayerRecord) -> bool:
+        """The one check a recorded layer passes before an image names it again: its stored blob is
+        whole (the recorded size and MD5; see `Storage.verify`). A layer failing it is packed again."""
+        if self.storage.verify(layer.digest, layer.size, layer.md5):
+            return True
+        self.log("layer-repacked", f"layer {layer.digest} is missing or damaged in storage; packing it again",
+                 severity="WARNING", digest=layer.digest, size=layer.size)
+        return False
+
+    # -- healing: records whose blobs storage lost ------------------------------
+
+    def forget_image(self, key: str, reason: str) -> None:
+        """The image's manifest or config is gone from storage: the next request for it rebuilds it."""
+        self.log("image-invalidated", f"image record dropped: {reason}", severity="WARNING", key=key)
+        self._cache_call("image drop", self.cache.drop_image, key)
+
+    def forget_blob(self, digest: str) -> list[str]:
+        """Blob `digest` is missing or damaged: every image naming it is rebuilt at its next request."""
+        keys = self._cache_call("image drop", self.cache.drop_images_with_blob, digest, default=[])
+        if keys:
+            self.log("image-invalidated", f"{len(keys)} image records dropped: blob {digest} is missing or damaged",
+                     severity="WARNING", digest=digest, keys=keys[:20])
+        return keys
 
     def _layer_format(self) -> str:
         return "tar+gzip" if self.config.compression == "gzip" else "tar"
@@ -324,7 +348,8 @@ class ImageBuilder:
             refs.append(ManifestRef(digest, len(data), media_type))
         now = time.time()
         ttl = self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl
-        record = ImageRecord(key, tuple(refs), source.identity, now, now + ttl)
+        blobs = (config_blob.digest, *dict.fromkeys(layer.digest for layer in image_layers))
+        record = ImageRecord(key, tuple(refs), source.identity, now, now + ttl, blobs)
         # Written last: every blob it points at is stored by now.
         self._cache_call("image write", self.cache.put_image, record)
         return record

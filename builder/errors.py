@@ -7,7 +7,7 @@ spec and clients (skopeo, podman, docker) show the message to the user.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 
 class RegistryError(Exception):
@@ -20,9 +20,10 @@ class RegistryError(Exception):
         self.detail = detail
         super().__init__(self.message)
 
-    def body(self) -> bytes:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        error["detail"] = self.detail if self.detail is not None else {}
+    def body(self, clean: Callable[[Any], Any] = lambda value: value) -> bytes:
+        """The spec's JSON error body; `clean` filters message and detail (see `redact.py`)."""
+        error: dict[str, Any] = {"code": self.code, "message": clean(self.message)}
+        error["detail"] = clean(self.detail) if self.detail is not None else {}
         return json.dumps({"errors": [error]}).encode()
 
     def remembered(self) -> dict[str, Any]:
@@ -75,9 +76,19 @@ class Unavailable(RegistryError):
     status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
 
 
+class PaginationNumberInvalid(RegistryError):
+    status, code, default_message = 400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested"
+
+
+class StorageFull(ServerError):
+    """The blob storage has no room left: heals by itself when space returns (nothing is remembered)."""
+
+    status, default_message = 507, "the registry's storage is full"
+
+
 # The spec's code -> the one class raised for it (as distribution's errcode registers them).
 BY_CODE: dict[str, type[RegistryError]] = {
     cls.code: cls
     for cls in (NameInvalid, NameUnknown, ManifestUnknown, BlobUnknown, DigestInvalid, RangeInvalid, Unsupported,
-                ServerError, Unavailable)
+                ServerError, Unavailable, PaginationNumberInvalid)
 }

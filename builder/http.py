@@ -1,9 +1,8 @@
 """The registry's HTTP face: the pull side of the distribution spec.
 
-Routes a request, calls the builder or storage, and renders every
-`RegistryError` to the spec's JSON error body here and nowhere else. A fault
-of the server's own is logged with its traceback and answered with a plain
-500 body: no stack trace ever reaches a client.
+Routes a request, calls the builder or storage, renders every `RegistryError` to the spec's JSON
+body (cleaned by `redact.py`) and logs each request once: here and nowhere else. A blob, manifest
+or config that storage lost makes its images rebuild (docs/design.md, "Self-healing").
 """
 from __future__ import annotations
 
@@ -16,19 +15,26 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from typing import NoReturn
 
 import flask
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from . import errors, manifest, names
 from .build import ImageBuilder
+from .cache import ImageRecord
 from .config import Config, open_cache, open_storage
 from .logs import event
+from .redact import Redactor
 from .storage import LocalFile, Redirect, Storage
 
-_MANIFEST = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]*)")
-_BLOB = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]*)")
-_TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list")
+# DOTALL: a name holding an encoded control character (%0A) reaches the name check and its 400.
+_MANIFEST = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]*)", re.DOTALL)
+_BLOB = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]*)", re.DOTALL)
+_TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list", re.DOTALL)
+_SINGLE_RANGE = re.compile(r"bytes=(?:(?P<first>[0-9]+)-(?P<last>[0-9]*)|-[0-9]+)")
+_MAX_TAGS_PAGE = 10_000  # tags/list?n= bound
+_LOGGED_PATH = 256  # characters of a request's path that reach the log
 _MAX_MANIFEST_SIZE = 4 << 20  # larger blobs are layers, never read as manifests
 _API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 
@@ -40,8 +46,29 @@ def _json(status: int, body: bytes, content_type: str = "application/json", **he
     return response
 
 
-def error_response(error: errors.RegistryError) -> flask.Response:
-    return _json(error.status, error.body())
+def _logged_path(path: str) -> dict:
+    if len(path) <= _LOGGED_PATH:
+        return {"path": path}
+    return {"path": path[:_LOGGED_PATH] + "...", "path_length": len(path)}
+
+
+def _fault(error: BaseException) -> dict:
+    """What the log keeps of a 5xx: the message, the cause, and the traceback of our own faults."""
+    own = not isinstance(error, errors.RegistryError)
+    fields: dict = {"error": f"{type(error).__name__}: {error}" if own else str(error)}
+    cause = error.__cause__ or error.__context__
+    if cause is not None:
+        fields["cause"] = f"{type(cause).__name__}: {cause}"
+        own = own or not isinstance(cause, errors.RegistryError)
+    if own:
+        fields["traceback"] = "".join(traceback.format_exception(error))
+    return fields
+
+
+def _single_valid_range(header: str) -> bool:
+    """RFC 9110: a server may ignore a Range it does not understand; only one `bytes=` range is honoured."""
+    match = _SINGLE_RANGE.fullmatch(header.strip())
+    return match is not None and not (match["first"] and match["last"] and int(match["last"]) < int(match["first"]))
 
 
 class ManifestMemory:
@@ -84,6 +111,7 @@ class Registry:
         self.storage = storage
         self.builder = builder
         self.manifests = ManifestMemory(config.manifest_memory_bytes)
+        self.redact = Redactor.from_config(config)
 
     @classmethod
     def from_config(cls, config: Config, check_storage: bool = True) -> "Registry":
@@ -94,21 +122,26 @@ class Registry:
 
     # -- dispatch --------------------------------------------------------
 
+    def error_response(self, error: errors.RegistryError) -> flask.Response:
+        return _json(error.status, error.body(self.redact.value))
+
     def handle(self, request: flask.Request) -> flask.Response:
         started = time.monotonic()
         path = request.path
+        fault: dict = {}
         try:
             response = self._route(request, path)
         except errors.RegistryError as e:
-            response = error_response(e)
+            response = self.error_response(e)
+            if e.status >= 500:
+                fault = _fault(e)
         except Exception as e:  # our own fault: log it whole, tell the client little
-            event("request-error", f"{request.method} {path}: {e}", severity="ERROR",
-                  traceback=traceback.format_exc())
-            response = error_response(errors.ServerError("internal server error; see the registry's logs"))
-        severity = "INFO" if response.status_code < 500 else "ERROR"
-        event("request", f"{request.method} {path} {response.status_code}", severity=severity,
-              method=request.method, path=path, status=response.status_code,
-              duration=round(time.monotonic() - started, 4))
+            fault = _fault(e)
+            response = self.error_response(errors.ServerError("internal server error; see the registry's logs"))
+        status = response.status_code
+        message = f"{request.method} {status}" + (f": {fault['error']}" if fault else "")
+        event("request", message, severity="INFO" if status < 500 else "ERROR", method=request.method,
+              **_logged_path(path), status=status, duration=round(time.monotonic() - started, 4), **fault)
         return response
 
     def _route(self, request: flask.Request, path: str) -> flask.Response:
@@ -140,9 +173,28 @@ class Registry:
             name, always_include=self.config.always_include, max_packages=self.config.max_packages,
             max_length=self.config.max_name_length,
         )
-        record = self.builder.image(image, reference)
         wanted = manifest.choose_media_type(request.headers.getlist("Accept"))
+        record = self.builder.image(image, reference)
+        try:
+            return self._image_manifest(record, wanted)
+        except errors.ManifestUnknown as e:
+            # The cache names an image storage no longer holds whole: build it again, now.
+            self.builder.forget_image(record.key, e.message)
+        record = self.builder.image(image, reference)
+        try:
+            return self._image_manifest(record, wanted)
+        except errors.ManifestUnknown as e:
+            raise errors.ServerError(f"storage lost image {image.name} right after it was stored: {e.message}") from e
+
+    def _image_manifest(self, record: ImageRecord, wanted: str) -> flask.Response:
         ref = next((m for m in record.manifests if m.media_type == wanted), record.manifests[0])
+        if self.manifests.get(ref.digest) is None:
+            media_type, data = self._read_manifest(ref.digest)
+            # Read from storage (not this instance's memory): its config must be there too.
+            config = json.loads(data).get("config", {}).get("digest")
+            if config and self.storage.stat(config) is None:
+                raise errors.ManifestUnknown(f"config {config} of manifest {ref.digest} is missing from storage")
+            self.manifests.put(ref.digest, media_type, data)
         return self._manifest_by_digest(ref.digest)
 
     def _manifest_by_digest(self, digest: str) -> flask.Response:
@@ -169,18 +221,20 @@ class Registry:
         if request.method == "HEAD":
             stat = self.storage.stat(digest)
             if stat is None:
-                raise errors.BlobUnknown(f"blob {digest} is not known to this registry", {"digest": digest})
+                self._blob_unknown(digest)
             response = _json(200, b"", content_type="application/octet-stream", **{"Docker-Content-Digest": digest})
             response.headers["Content-Length"] = str(stat.size)
             return response
         location = self.storage.locate(digest)
         if location is None:
-            raise errors.BlobUnknown(f"blob {digest} is not known to this registry", {"digest": digest})
+            self._blob_unknown(digest)
         if isinstance(location, Redirect):
             response = _json(307, b"", content_type="application/octet-stream",
                              **{"Docker-Content-Digest": digest, "Location": location.url})
             return response
         assert isinstance(location, LocalFile)
+        if not _single_valid_range(request.headers.get("Range", "bytes=0-")):
+            request.environ.pop("HTTP_RANGE", None)  # answered with the whole blob
         try:
             response = flask.send_file(location.path, mimetype="application/octet-stream", conditional=True,
                                        etag=digest, max_age=31536000)
@@ -192,6 +246,11 @@ class Registry:
         response.headers["Docker-Content-Digest"] = digest
         return response
 
+    def _blob_unknown(self, digest: str) -> NoReturn:
+        # Images naming a blob storage lost (or damaged) are rebuilt at their next request.
+        self.builder.forget_blob(digest)
+        raise errors.BlobUnknown(f"blob {digest} is not known to this registry", {"digest": digest})
+
     def tags(self, request: flask.Request, name: str) -> flask.Response:
         names.check_repository(name, self.config.max_name_length)
         tags = ["latest"]
@@ -200,15 +259,16 @@ class Registry:
             tags = [t for t in tags if t > last]
         n = request.args.get("n")
         if n is not None:
-            if not n.isdigit():
-                raise errors.Unsupported(f"n must be a whole number, not {n[:20]!r}")
+            # ASCII digits only: str.isdigit() would let "²" through to int().
+            if not re.fullmatch(r"[0-9]{1,6}", n) or int(n) > _MAX_TAGS_PAGE:
+                raise errors.PaginationNumberInvalid(f"n must be a whole number from 0 to {_MAX_TAGS_PAGE}, not {n[:20]!r}")
             tags = tags[: int(n)]
         return _json(200, json.dumps({"name": name, "tags": tags}).encode())
 
     def index(self) -> flask.Response:
         failures = "".join(
             f"<li><code>{html.escape(e.image)}</code> at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(e.time))}:"
-            f"<pre>{html.escape(e.message)}</pre></li>"
+            f"<pre>{html.escape(self.redact.text(e.message))}</pre></li>"
             for e in reversed(self.builder.recent_errors)
         ) or "<li>none</li>"
         host = flask.request.host

@@ -63,7 +63,7 @@ def cache(spec: BackendSpec):
     return open_backend(spec)
 
 
-def image(key: str, expires_at: float = NOW + 3600, source: str = "demo:abc") -> ImageRecord:
+def image(key: str, expires_at: float = NOW + 3600, source: str = "demo:abc", blobs: tuple[str, ...] = ()) -> ImageRecord:
     return ImageRecord(
         key=key,
         manifests=(
@@ -73,6 +73,7 @@ def image(key: str, expires_at: float = NOW + 3600, source: str = "demo:abc") ->
         source=source,
         created=NOW - 5.25,
         expires_at=expires_at,
+        blobs=blobs,
     )
 
 
@@ -115,6 +116,42 @@ def test_layers(cache):
     cache.put_layer(record)
     assert cache.get_layer("/nix/store/abc-git /nix/store/def-perl") == record
     assert cache.get_layer("/nix/store/abc-git") is None
+
+
+BLOB_X, BLOB_Y, BLOB_Z = ("sha256:" + c * 64 for c in "123")
+
+
+def test_image_reads_back_with_the_blobs_it_names(cache):
+    record = image("hello:latest", blobs=(BLOB_X, BLOB_Y))
+    cache.put_image(record)
+    assert cache.get_image("hello:latest", NOW) == record
+
+
+def test_dropped_image_reads_as_none_and_others_stay(cache):
+    cache.put_image(image("hello:latest"))
+    cache.put_image(image("goodbye:latest"))
+    cache.drop_image("hello:latest")
+    cache.drop_image("never-stored:latest")
+    assert cache.get_image("hello:latest", NOW) is None
+    assert cache.get_image("goodbye:latest", NOW) is not None
+
+
+def test_dropping_a_blob_drops_exactly_the_images_naming_it(cache):
+    cache.put_image(image("a", blobs=(BLOB_X, BLOB_Y)))
+    cache.put_image(image("b", blobs=(BLOB_Y, BLOB_Z)))
+    cache.put_image(image("c", blobs=(BLOB_Z,)))
+    assert sorted(cache.drop_images_with_blob(BLOB_Y)) == ["a", "b"]
+    assert cache.get_image("a", NOW) is None and cache.get_image("b", NOW) is None
+    assert cache.get_image("c", NOW) is not None
+    assert cache.drop_images_with_blob(BLOB_Y) == []
+
+
+def test_a_rewritten_image_is_found_by_its_new_blobs_only(cache):
+    cache.put_image(image("a", blobs=(BLOB_X,)))
+    cache.put_image(image("a", blobs=(BLOB_Z,)))
+    assert cache.drop_images_with_blob(BLOB_X) == []
+    assert cache.get_image("a", NOW) is not None
+    assert cache.drop_images_with_blob(BLOB_Z) == ["a"]
 
 
 # -- build leases -------------------------------------------------------------------------
@@ -317,6 +354,17 @@ class CountingCache:
         self._called("put_image")
         self.images[record.key] = record
 
+    def drop_image(self, key):
+        self._called("drop_image")
+        self.images.pop(key, None)
+
+    def drop_images_with_blob(self, digest):
+        self._called("drop_images_with_blob")
+        keys = [k for k, r in self.images.items() if digest in r.blobs]
+        for k in keys:
+            del self.images[k]
+        return keys
+
     def get_layer(self, key):
         self._called("get_layer")
         return self.layers.get(key)
@@ -431,3 +479,27 @@ def test_memory_keeps_facts_until_their_expiry_and_asks_only_for_the_rest():
     assert inner.calls == []
     assert memory.get_facts("revision", ["a", "b"], NOW + 11) == {}  # expired: asked again, with the miss
     assert inner.calls == ["get_facts"]
+
+
+def test_memory_forgets_images_naming_a_lost_blob_even_when_inner_is_down():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    memory.put_image(image("a", blobs=(BLOB_X,)))
+    memory.put_image(image("b", blobs=(BLOB_Y,)))
+    inner.fail = True
+    with pytest.raises(ConnectionError):
+        memory.drop_images_with_blob(BLOB_X)
+    inner.fail = False
+    inner.images.clear()  # so a hit can only come from the memory
+    assert memory.get_image("a", NOW) is None
+    assert memory.get_image("b", NOW) is not None
+
+
+def test_memory_drops_what_inner_drops():
+    inner = CountingCache()
+    inner.images["a"] = image("a", blobs=(BLOB_X,))  # written by another instance, not in memory
+    memory = MemoryCache(inner, max_entries=10)
+    memory.put_image(image("b", blobs=(BLOB_X,)))
+    assert memory.drop_images_with_blob(BLOB_X) == ["a", "b"]
+    memory.drop_image("c")
+    assert inner.calls[-1] == "drop_image"

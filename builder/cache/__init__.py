@@ -27,6 +27,7 @@ class ImageRecord:
     source: str  # resolved package-source identity
     created: float  # unix seconds
     expires_at: float  # unix seconds; readers treat an expired record as absent
+    blobs: tuple[str, ...] = ()  # digests of its config and layers: which images a lost blob breaks
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,14 @@ class Cache(Protocol):
     def get_image(self, key: str, now: float) -> ImageRecord | None: ...
 
     def put_image(self, record: ImageRecord) -> None: ...
+
+    def drop_image(self, key: str) -> None:
+        """Forget an image record (its manifest or config is gone from storage): the next request rebuilds it."""
+        ...
+
+    def drop_images_with_blob(self, digest: str) -> list[str]:
+        """Forget every image record naming blob `digest` (gone or damaged in storage); returns their keys."""
+        ...
 
     def get_layer(self, key: str) -> LayerRecord | None: ...
 

@@ -116,6 +116,7 @@ class FirestoreCache:
             source=data["source"],
             created=float(data["created"]),
             expires_at=expires_at,
+            blobs=tuple(data.get("blobs") or ()),
         )
 
     def put_image(self, record: ImageRecord) -> None:
@@ -128,9 +129,27 @@ class FirestoreCache:
             "created": float(record.created),
             "expires_at": _timestamp(record.expires_at),
             "expires_at_unix": float(record.expires_at),
+            # Firestore indexes array members by itself: drop_images_with_blob finds them in one query.
+            "blobs": list(record.blobs),
         }
         ref = self._manifests.document(doc_id(record.key))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
+
+    def drop_image(self, key: str) -> None:
+        ref = self._manifests.document(doc_id(key))
+        self._call(lambda: ref.delete(timeout=self._timeout, retry=self._retry))
+
+    def drop_images_with_blob(self, digest: str) -> list[str]:
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        query = self._manifests.where(filter=FieldFilter("blobs", "array_contains", digest)).select(["key"])
+        snapshots = self._call(lambda: list(query.stream(timeout=self._timeout, retry=self._retry)))
+        keys = []
+        for snapshot in snapshots:
+            ref = snapshot.reference
+            self._call(lambda: ref.delete(timeout=self._timeout, retry=self._retry))
+            keys.append((snapshot.to_dict() or {}).get("key", snapshot.id))
+        return keys
 
     # -- layers ---------------------------------------------------------------
 

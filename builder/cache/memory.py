@@ -41,6 +41,14 @@ class _Lru(Generic[V]):
         with self._lock:
             self._items.pop(key, None)
 
+    def drop_where(self, test) -> list[str]:
+        """Drop every entry whose value passes `test`; returns their keys."""
+        with self._lock:
+            keys = [key for key, value in self._items.items() if test(value)]
+            for key in keys:
+                del self._items[key]
+        return keys
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -70,6 +78,19 @@ class MemoryCache:
         # true even if the shared cache is down, and this instance need not rebuild it.
         self._images.put(record.key, record)
         self.inner.put_image(record)
+
+    def drop_image(self, key: str) -> None:
+        self._images.drop(key)
+        self.inner.drop_image(key)
+
+    def drop_images_with_blob(self, digest: str) -> list[str]:
+        # Dropped here first, so this instance rebuilds even when the shared cache is down.
+        # A scan: this happens once per lost blob, and the memory holds at most max_entries images.
+        dropped = set(self._images.drop_where(lambda record: digest in record.blobs))
+        for key in self.inner.drop_images_with_blob(digest):
+            self._images.drop(key)
+            dropped.add(key)
+        return sorted(dropped)
 
     def get_layer(self, key: str) -> LayerRecord | None:
         record = self._layers.get(key)

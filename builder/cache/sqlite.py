@@ -1,16 +1,22 @@
 """The embedded cache: one SQLite file, no server.
 
-Several processes may share the file (WAL mode; build leases are claimed in
-an IMMEDIATE transaction, so one process wins).
+Several processes may share the file (WAL mode; leases are claimed in an IMMEDIATE transaction).
+A file SQLite finds corrupt is moved aside as `<file>.broken-<time>` and a new one started
+(docs/design.md, "Self-healing").
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
+from ..logs import event
 from . import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
 
 _SCHEMA = """
@@ -19,26 +25,86 @@ CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS builds (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL, error TEXT);
 CREATE TABLE IF NOT EXISTS facts (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL NOT NULL,
                                   PRIMARY KEY (kind, key));
+CREATE TABLE IF NOT EXISTS image_blobs (digest TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID;
 """
+
+
+_BROKEN = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _broken(error: sqlite3.DatabaseError) -> bool:
+    """Corrupt or not a database at all; "locked", "busy" and "disk full" are not reasons to reset."""
+    return getattr(error, "sqlite_errorcode", None) in _BROKEN
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """A connection to a sound cache file, schema in place; raises DatabaseError when the file is broken."""
+    db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if verdict != "ok":
+            error = sqlite3.DatabaseError(f"quick_check: {verdict}")
+            error.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # type: ignore[attr-defined]
+            raise error
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 class SqliteCache:
     def __init__(self, path: str):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._path = path
         self._lock = threading.Lock()  # one connection, shared by this instance's threads
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return _connect(self._path)
+        except sqlite3.DatabaseError as e:
+            if not _broken(e):
+                raise
+        # Under the lock file, look again: another process may have replaced it already.
+        with open(self._path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return _connect(self._path)
+            except sqlite3.DatabaseError as e:
+                if not _broken(e):
+                    raise
+                aside = f"{self._path}.broken-{int(time.time())}"
+                os.replace(self._path, aside)
+                for suffix in ("-wal", "-shm"):  # they belong to the broken file
+                    Path(self._path + suffix).unlink(missing_ok=True)
+                event("cache-reset", f"the SQLite cache file was broken ({e}); moved it aside and started an empty one",
+                      severity="WARNING", error=str(e), moved_to=aside)
+                return _connect(self._path)
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Holds the connection lock; a call that finds the file broken resets it (and still fails)."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.DatabaseError as e:
+                if _broken(e):
+                    self._db.close()
+                    self._db = self._open()
+                raise
 
     def get_image(self, key: str, now: float) -> ImageRecord | None:
-        with self._lock:
+        with self._guarded():
             row = self._db.execute("SELECT record FROM images WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
         if row is None:
             return None
         data = json.loads(row[0])
         data["manifests"] = tuple(ManifestRef(**m) for m in data["manifests"])
+        data["blobs"] = tuple(data.get("blobs", ()))
         return ImageRecord(**data)
 
     def put_image(self, record: ImageRecord) -> None:
@@ -48,20 +114,50 @@ class SqliteCache:
             "source": record.source,
             "created": record.created,
             "expires_at": record.expires_at,
+            "blobs": list(record.blobs),
         }
-        with self._lock:
+        with self._guarded(), self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO images (key, record, expires_at) VALUES (?, ?, ?)",
                 (record.key, json.dumps(data), record.expires_at),
             )
+            self._db.execute("DELETE FROM image_blobs WHERE key = ?", (record.key,))
+            self._db.executemany(
+                "INSERT OR IGNORE INTO image_blobs (digest, key) VALUES (?, ?)",
+                [(digest, record.key) for digest in record.blobs],
+            )
+
+    def drop_image(self, key: str) -> None:
+        with self._guarded(), self._transaction():
+            self._db.execute("DELETE FROM images WHERE key = ?", (key,))
+            self._db.execute("DELETE FROM image_blobs WHERE key = ?", (key,))
+
+    def drop_images_with_blob(self, digest: str) -> list[str]:
+        with self._guarded(), self._transaction():
+            keys = [row[0] for row in self._db.execute("SELECT key FROM image_blobs WHERE digest = ?", (digest,))]
+            for key in keys:
+                self._db.execute("DELETE FROM images WHERE key = ?", (key,))
+                self._db.execute("DELETE FROM image_blobs WHERE key = ?", (key,))
+        return keys
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One IMMEDIATE transaction (the connection is in autocommit mode); the caller holds `_lock`."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def get_layer(self, key: str) -> LayerRecord | None:
-        with self._lock:
+        with self._guarded():
             row = self._db.execute("SELECT record FROM layers WHERE key = ?", (key,)).fetchone()
         return LayerRecord(**json.loads(row[0])) if row else None
 
     def put_layer(self, record: LayerRecord) -> None:
-        with self._lock:
+        with self._guarded():
             self._db.execute(
                 "INSERT OR REPLACE INTO layers (key, record) VALUES (?, ?)", (record.key, json.dumps(record.__dict__))
             )
@@ -110,7 +206,7 @@ class SqliteCache:
         for start in range(0, len(keys), 500):  # SQLite bounds the number of parameters
             chunk = keys[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            with self._lock:
+            with self._guarded():
                 rows = self._db.execute(
                     f"SELECT key, value, expires_at FROM facts WHERE kind = ? AND expires_at > ? AND key IN ({marks})",
                     (kind, now, *chunk),
@@ -120,7 +216,7 @@ class SqliteCache:
 
     def put_facts(self, kind: str, facts: Mapping[str, dict], expires_at: float) -> None:
         rows = [(kind, key, json.dumps(value, sort_keys=True), expires_at) for key, value in facts.items()]
-        with self._lock:
+        with self._guarded():
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(

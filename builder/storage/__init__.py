@@ -60,13 +60,25 @@ class Storage(Protocol):
         ...
 
     def read_bytes(self, digest: str) -> bytes | None:
-        """A small blob's bytes, or None when it is not stored."""
+        """A small blob's bytes, or None when it is not stored (or its bytes do not match)."""
         ...
 
-    def stat(self, digest: str) -> BlobStat | None: ...
+    def stat(self, digest: str) -> BlobStat | None:
+        """Size (and MD5 where cheap) of a stored blob, or None when it is not stored or is damaged."""
+        ...
+
+    def verify(self, digest: str, size: int, md5_hex: str) -> bool:
+        """Whether the stored blob is whole: there, `size` bytes, and not damaged.
+
+        The check a recorded layer passes before it is reused (`ImageBuilder.reusable`):
+        GCS compares the object's size and `md5Hash` (one metadata read); the filesystem
+        hashes the file against its digest once per process and remembers the result
+        for as long as the file is unchanged.
+        """
+        ...
 
     def locate(self, digest: str) -> BlobLocation | None:
-        """Where a client gets the blob's bytes, or None when it is not stored."""
+        """Where a client gets the blob's bytes, or None when it is not stored (or damaged)."""
         ...
 
     def check(self) -> None:

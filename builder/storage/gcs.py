@@ -414,6 +414,11 @@ class GcsStorage:
             return None
         return BlobStat(size=blob.size, md5=_hex_md5(blob.md5_hash))
 
+    def verify(self, digest: str, size: int, md5_hex: str) -> bool:
+        # One metadata read: GCS computed md5Hash from the bytes it received (and checked it then).
+        blob = self._probe(digest)
+        return blob is not None and blob.size == size and blob.md5_hash == _b64_md5(md5_hex)
+
     def locate(self, digest: str) -> Redirect | None:
         blob = self._probe(digest)
         if blob is None:
