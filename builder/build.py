@@ -1,9 +1,9 @@
 """From an image request to a stored, cached image: the build path in order.
 
-resolve the source -> cache -> build lease -> Nix closure -> layers -> pack and store new
-layers -> config and manifests -> cache record. One build per image: threads share one
-in-flight build, instances share a lease. A failing cache is served by building (logged as
-degraded), never answered with a 5xx.
+resolve the source -> cache -> build lease -> Nix closure (names resolved before under the
+same revision from recorded facts, builder/resolution.py) -> layers -> pack and store new layers
+-> config and manifests -> cache record. One build per image: threads share one in-flight build,
+instances share a lease. A failing cache is served by building (logged as degraded), never a 5xx.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from . import archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, sources
+from . import (archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, resolution,
+               sources)
 from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
@@ -234,29 +235,145 @@ class ImageBuilder:
         os.makedirs(self.config.work_dir, exist_ok=True)
         work_dir = tempfile.mkdtemp(prefix="build-", dir=self.config.work_dir)
         fields = {"image": request.name, "key": key, "source": source.identity}
+        seconds: dict[str, float] = {}
         try:
+            recorded, recorded_paths = self._recorded_packages(request, source)
             try:
-                closure = nix.realise(list(request.packages), source, request.system, self.nix_settings(), work_dir)
+                closure = self._closure(request, source, recorded, recorded_paths, work_dir, seconds)
+                try:
+                    record, image_layers, packed = self._assemble(request, source, key, closure, recorded,
+                                                                  work_dir, seconds)
+                except (nix.NixError, OSError, ValueError) as e:
+                    if not recorded:
+                        raise
+                    # A recorded fact was wrong (a path no binary cache has, a layer that cannot
+                    # be realised): evaluate everything, as if nothing were recorded.
+                    self.log("resolution-fallback", f"recorded resolution of {request.name} failed: {e}",
+                             severity="WARNING", error=str(e), **fields)
+                    recorded = {}
+                    closure = self._closure(request, source, {}, {}, work_dir, seconds)
+                    record, image_layers, packed = self._assemble(request, source, key, closure, recorded,
+                                                                  work_dir, seconds)
             except nix.NixError as e:
                 self._raise_if_stopping()  # Nix was ended by the shutdown, not by the packages
                 error = _registry_error(e)
                 self.log("nix-build", f"build of {request.name} failed", severity="WARNING", result="failed",
                          duration=round(time.monotonic() - started, 3), error=error.message, **fields)
                 raise error from None
-            nix_seconds = time.monotonic() - started
-            plans = layers.plan_layers(closure.paths, list(closure.roots.values()), self.config.max_layers)
-            stored = [self._store_layer(plan) for plan in plans]
-            stored.append(self._customisation_layer(request, closure))
-            image_layers = [layer for layer, _ in stored]
-            packed = sum(1 for _, was_packed in stored if was_packed)
-            record = self._store_image(request, source, key, image_layers, closure)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)  # drops the GC roots too
+        nix_seconds = seconds.get("evaluate", 0.0) + seconds.get("substitute", 0.0)
         self.log("nix-build", f"built {request.name}", result="built", duration=round(time.monotonic() - started, 3),
                  nix_seconds=round(nix_seconds, 3), layers=len(image_layers), layers_packed=packed,
-                 store_paths=len(closure.paths), **fields)
+                 store_paths=len(closure.paths), evaluated=len(request.packages) - len(recorded),
+                 recorded=len(recorded), seconds={k: round(v, 3) for k, v in seconds.items()}, **fields)
         self._collect_garbage_when_full()
         return record
+
+    # -- resolutions recorded by earlier builds (builder/resolution.py) -------
+
+    def _recorded_packages(self, request: names.ImageRequest, source: sources.PackageSource
+                           ) -> tuple[dict[str, dict], dict[str, nix.StorePath]]:
+        """The package facts of the requested names known with their whole closure, and those paths."""
+        keys = {name: resolution.package_key(source, request.system, name) for name in request.packages}
+        if None in keys.values():
+            return {}, {}
+        now = time.time()
+        found = self._cache_call("resolution read", self.cache.get_facts, resolution.PACKAGE,
+                                 list(keys.values()), now, default={})
+        facts = {name: found[k].value for name, k in keys.items()
+                 if k in found and resolution.readable_package(found[k].value)}
+        if not facts:
+            return {}, {}
+        wanted = sorted({path for fact in facts.values() for path in fact["closure"]})
+        found_paths = self._cache_call("closure read", self.cache.get_facts, resolution.PATH, wanted, now, default={})
+        paths: dict[str, nix.StorePath] = {}
+        for path, fact in found_paths.items():
+            try:
+                paths[path] = resolution.store_path(path, fact.value)
+            except (KeyError, TypeError, ValueError):
+                continue
+        facts = {name: fact for name, fact in facts.items() if all(p in paths for p in fact["closure"])}
+        return facts, paths
+
+    def _closure(self, request: names.ImageRequest, source: sources.PackageSource, recorded: dict[str, dict],
+                 recorded_paths: dict[str, nix.StorePath], work_dir: str, seconds: dict[str, float]) -> nix.Closure:
+        """The image's closure: recorded names from their facts, the others evaluated and realised (only those)."""
+        unknown = [name for name in request.packages if name not in recorded]
+        evaluated = None
+        if unknown:
+            evaluated = nix.realise(unknown, source, request.system, self.nix_settings(), work_dir)
+            for step, spent in evaluated.seconds.items():
+                seconds[step] = seconds.get(step, 0.0) + spent
+        resolved = {name: fact["resolved"] for name, fact in recorded.items()}
+        paths = {path: recorded_paths[path] for fact in recorded.values() for path in fact["closure"]}
+        if evaluated is not None:
+            resolved.update(evaluated.resolved)
+            paths.update(evaluated.paths)
+            gc_root_dir = evaluated.gc_root_dir
+        else:
+            gc_root_dir = tempfile.mkdtemp(prefix="roots-", dir=work_dir)
+        return nix.Closure(
+            roots={name: r["path"] for name, r in resolved.items()},
+            paths=paths,
+            gc_root_dir=gc_root_dir,
+            resolved=resolved,
+            attrs={name: r["attr"] for name, r in resolved.items()},
+            info={name: r.get("info") or {} for name, r in resolved.items()},
+            source_time=max((r["sourceTime"] for r in resolved.values() if isinstance(r.get("sourceTime"), int)),
+                            default=None),
+        )
+
+    def _assemble(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
+                  closure: nix.Closure, recorded: dict[str, dict], work_dir: str, seconds: dict[str, float]
+                  ) -> tuple[ImageRecord, list[manifest.Layer], int]:
+        """Plan, realise what is missing, pack and store the layers, then the image; record what was evaluated."""
+        plans = layers.plan_layers(closure.paths, list(closure.roots.values()), self.config.max_layers)
+        customisation_root = None
+        if recorded:
+            # Paths from records may not be here: realise those of layers not stored yet, by path.
+            missing = {path for plan in plans if self._stored_layer(self._layer_key(plan)) is None
+                       for path in plan.paths}
+            trees = {fact["resolved"]["path"]: fact["tree"] for fact in recorded.values() if fact.get("tree")}
+            untreed = sorted(set(closure.roots.values()) - set(trees))
+            missing |= set(untreed)
+            if missing:
+                before = time.monotonic()
+                nix.realise_paths(sorted(missing), self.nix_settings(), closure.gc_root_dir)
+                seconds["substitute"] = seconds.get("substitute", 0.0) + time.monotonic() - before
+            for path in untreed:  # realised just now: read from the store, however large
+                trees[path] = resolution.tree_of(self._on_disk(path), max_bytes=None)
+            customisation_root = resolution.make_skeleton(os.path.join(work_dir, "skeleton"), trees)
+        before = time.monotonic()
+        stored = [self._store_layer(plan) for plan in plans]
+        stored.append(self._customisation_layer(request, closure, customisation_root))
+        image_layers = [layer for layer, _ in stored]
+        packed = sum(1 for _, was_packed in stored if was_packed)
+        record = self._store_image(request, source, key, image_layers, closure, customisation_root)
+        seconds["pack"] = time.monotonic() - before
+        self._record_resolutions(request, source, closure, set(closure.roots) - set(recorded))
+        return record, image_layers, packed
+
+    def _on_disk(self, path: str) -> str:
+        return os.path.join(self.store_root, path.lstrip("/"))
+
+    def _record_resolutions(self, request: names.ImageRequest, source: sources.PackageSource,
+                            closure: nix.Closure, evaluated: set[str]) -> None:
+        """Share what this build evaluated: per name its answer, closure and output tree; per path its facts."""
+        if not evaluated or source.revision is None:
+            return
+        facts, path_facts = {}, {}
+        for name in sorted(evaluated):
+            root = closure.roots[name]
+            members = resolution.closure_of(closure.paths, root)
+            facts[resolution.package_key(source, request.system, name)] = resolution.package_fact(
+                closure.resolved[name], members, resolution.tree_of(self._on_disk(root)))
+            for path in members:
+                path_facts[path] = resolution.path_fact(closure.paths[path])
+        expires_at = time.time() + (self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl)
+        # Paths first: a package fact is only used when its whole closure is recorded.
+        self._cache_call("closure write", self.cache.put_facts, resolution.PATH, path_facts, expires_at)
+        self._cache_call("resolution write", self.cache.put_facts, resolution.PACKAGE, facts, expires_at)
 
     def _collect_garbage_when_full(self) -> None:
         """Keep the store under NIX_GC_ABOVE_BYTES: on the function it lives in /tmp, in memory.
@@ -264,7 +381,7 @@ class ImageBuilder:
         Runs after the image is stored and recorded, so a failure costs nothing but a log line.
         """
         limit = self.config.nix_gc_above_bytes
-        if limit <= 0:
+        if limit <= 0 or self._nix_settings is None:  # no Nix ran here: nothing to collect
             return
         settings = self.nix_settings()
         try:
@@ -278,16 +395,21 @@ class ImageBuilder:
         except (OSError, nix.NixError) as e:
             self.log("nix-gc", f"garbage collection failed: {e}", severity="WARNING", error=str(e))
 
+    def _layer_key(self, plan: layers.LayerPlan) -> str:
+        return f"{plan.key}:{self.config.compression}"
+
     def _store_layer(self, plan: layers.LayerPlan) -> tuple[manifest.Layer, bool]:
-        layer_key = f"{plan.key}:{self.config.compression}"
-        return self._reuse_or_pack(layer_key, lambda out: archive.pack_store_paths(
+        return self._reuse_or_pack(self._layer_key(plan), lambda out: archive.pack_store_paths(
             plan.paths, out, self.config.compression, self.store_root))
 
-    def _customisation_layer(self, request: names.ImageRequest, closure: nix.Closure) -> tuple[manifest.Layer, bool]:
+    def _customisation_layer(self, request: names.ImageRequest, closure: nix.Closure,
+                             store_root: str | None = None) -> tuple[manifest.Layer, bool]:
+        """`store_root`: where the roots' trees are read (a skeleton of recorded trees), else the store."""
         roots = [closure.roots[name] for name in sorted(closure.roots)]
         users = "nonroot" if request.nonroot else "root"
         layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, users, *roots])) + ":" + self.config.compression
-        entries = archive.customisation_entries(roots, self.store_root, contents.user_entries(request.nonroot))
+        entries = archive.customisation_entries(roots, store_root or self.store_root,
+                                                contents.user_entries(request.nonroot))
         return self._reuse_or_pack(layer_key, lambda out: archive.pack_entries(entries, out, self.config.compression))
 
     def _reuse_or_pack(self, layer_key: str, pack: Callable) -> tuple[manifest.Layer, bool]:
@@ -295,15 +417,22 @@ class ImageBuilder:
 
         Returns the layer and whether it was packed now.
         """
-        seen = self._cache_call("layer read", self.cache.get_layer, layer_key)
-        if seen is not None and self.reusable(seen):
-            return manifest.Layer(seen.digest, seen.diff_id, seen.size, self._layer_format()), False
+        seen = self._stored_layer(layer_key)
+        if seen is not None:
+            return seen, False
         with self.storage.upload() as upload:
             packed = pack(upload)
             upload.commit(packed.digest, packed.md5, packed.size, "application/octet-stream")
         record = LayerRecord(layer_key, packed.digest, packed.diff_id, packed.size, packed.md5)
         self._cache_call("layer write", self.cache.put_layer, record)
         return manifest.Layer(packed.digest, packed.diff_id, packed.size, self._layer_format()), True
+
+    def _stored_layer(self, layer_key: str) -> manifest.Layer | None:
+        """The layer under `layer_key` if its record and its blob are both there."""
+        seen = self._cache_call("layer read", self.cache.get_layer, layer_key)
+        if seen is not None and self.reusable(seen):
+            return manifest.Layer(seen.digest, seen.diff_id, seen.size, self._layer_format())
+        return None
 
     def reusable(self, layer: LayerRecord) -> bool:
         """The one check a recorded layer passes before an image names it again: its stored blob is
@@ -333,8 +462,9 @@ class ImageBuilder:
         return "tar+gzip" if self.config.compression == "gzip" else "tar"
 
     def _store_image(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
-                     image_layers: list[manifest.Layer], closure: nix.Closure) -> ImageRecord:
-        run = contents.run_settings(request, closure.roots, closure.info, self.store_root)
+                     image_layers: list[manifest.Layer], closure: nix.Closure,
+                     store_root: str | None = None) -> ImageRecord:
+        run = contents.run_settings(request, closure.roots, closure.info, store_root or self.store_root)
         labels = contents.provenance(request, source, closure.info, closure.source_time)
         config_bytes = manifest.image_config(image_layers, request.architecture, run.env, run.cmd, run.user,
                                              labels, labels["org.opencontainers.image.created"])

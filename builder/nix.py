@@ -61,6 +61,7 @@ class StorePath:
     path: str  # logical /nix/store/... name
     nar_size: int
     references: tuple[str, ...]  # sorted, without the path itself
+    nar_hash: str = ""  # as Nix prints it ("sha256:..."); empty when unknown
 
 
 @dataclass
@@ -68,6 +69,10 @@ class Closure:
     roots: dict[str, str]  # requested name -> realised output store path
     paths: dict[str, StorePath]  # every path of the runtime closure
     gc_root_dir: str  # keeps the paths alive; caller deletes it when done
+    # requested name -> the evaluation's whole answer for it (attr, drvPath, path, outputName, ...)
+    resolved: dict[str, dict] = field(default_factory=dict)
+    # Seconds spent: "evaluate" (fetching the package set included), "substitute" (building too).
+    seconds: dict[str, float] = field(default_factory=dict)
     attrs: dict[str, str] = field(default_factory=dict)  # requested name -> attribute path it resolved to
     # requested name -> what the package set says of it: pname, version, mainProgram,
     # description, homepage (each str or None) and licenses ([{spdxId, name}]).
@@ -478,7 +483,8 @@ def parse_path_info(text: str) -> dict[str, StorePath]:
         if info is None:  # newer Nix: a path that is not valid
             raise KeyError(f"{path} is not in the store")
         references = tuple(sorted(r for r in info.get("references", ()) if r != path))
-        paths[path] = StorePath(path=path, nar_size=int(info["narSize"]), references=references)
+        paths[path] = StorePath(path=path, nar_size=int(info["narSize"]), references=references,
+                                nar_hash=str(info.get("narHash") or ""))
     return paths
 
 
@@ -499,7 +505,9 @@ def realise(
     # The derivations written by the evaluation have no GC root until the realisation
     # adds one, so no garbage collection may run in between.
     with _store_lock(settings, fcntl.LOCK_SH):
+        started = time.monotonic()
         resolved = resolve(list(packages), source, system, settings, deadline)
+        evaluated = time.monotonic()
         gc_root_dir = tempfile.mkdtemp(prefix="roots-", dir=work_dir)
         try:
             _realise(resolved, settings, gc_root_dir, deadline)
@@ -512,11 +520,39 @@ def realise(
         roots=roots,
         paths=paths,
         gc_root_dir=gc_root_dir,
+        resolved=resolved,
+        seconds={"evaluate": evaluated - started, "substitute": time.monotonic() - evaluated},
         attrs={name: p["attr"] for name, p in resolved.items()},
         info={name: p.get("info") or {} for name, p in resolved.items()},
         source_time=max((p["sourceTime"] for p in resolved.values() if isinstance(p.get("sourceTime"), int)),
                         default=None),
     )
+
+
+def realise_paths(paths: Sequence[str], settings: NixSettings, gc_root_dir: str) -> None:
+    """Make store paths valid here by path alone, from the local store or a binary cache.
+
+    Needs no package set and no evaluation (`nix-store --realise /nix/store/...`
+    substitutes a path and its closure). The paths get GC roots in `gc_root_dir`.
+    Raises NixError when a path can be neither found nor substituted.
+    """
+    if not paths:
+        return
+    deadline = _Deadline(settings.timeout)
+    args = [
+        _binary(settings, "nix-store"),
+        "--realise",
+        "--quiet",
+        *_options(settings, timeout=deadline.whole_seconds()),
+        "--add-root",
+        os.path.join(gc_root_dir, "p"),
+        "--indirect",
+        *sorted(set(paths)),
+    ]
+    with _store_lock(settings, fcntl.LOCK_SH):
+        result = _run(args, deadline, "substituting store paths", slack=REALISE_SLACK, running=settings.running)
+    if result.returncode != 0:
+        raise NixError("cannot realise recorded store paths: " + error_message(result.stderr))
 
 
 @contextlib.contextmanager
