@@ -1,17 +1,25 @@
+locals {
+  # A database of the registry's own by default: its location is ours to choose (the
+  # "(default)" database's is tied to the project's default resource location), IAM can be
+  # conditioned on it, and destroy removes nothing another application uses.
+  firestore_database_id = var.firestore_database != "" ? var.firestore_database : "${var.name}-cache"
+}
+
 resource "google_firestore_database" "cache" {
   count = var.create_firestore_database ? 1 : 0
 
-  project         = var.project
-  name            = var.firestore_database
-  location_id     = var.firestore_location != "" ? var.firestore_location : var.region
-  type            = "FIRESTORE_NATIVE"
-  deletion_policy = var.firestore_deletion_policy
+  project     = var.project
+  name        = local.firestore_database_id
+  location_id = var.firestore_location != "" ? var.firestore_location : var.region
+  type        = "FIRESTORE_NATIVE"
+  # "(default)" may hold other applications' data by the time of a destroy: never deleted.
+  deletion_policy = local.firestore_database_id == "(default)" ? "ABANDON" : var.firestore_deletion_policy
 
   depends_on = [google_project_service.apis]
 }
 
 locals {
-  firestore_database = var.create_firestore_database ? google_firestore_database.cache[0].name : var.firestore_database
+  firestore_database = var.create_firestore_database ? google_firestore_database.cache[0].name : local.firestore_database_id
 }
 
 # The cache collections whose documents expire (builder/cache): built images, build

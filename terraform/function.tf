@@ -23,14 +23,16 @@ locals {
     NIX_BOOTSTRAP_STORE_PATH = var.nix_bootstrap_store_path
     NIX_BOOTSTRAP_URL        = var.nix_bootstrap_url
     NIX_BOOTSTRAP_SHA256     = var.nix_bootstrap_sha256
-    NIX_SUBSTITUTERS        = var.nix_substituters
-    NIX_TRUSTED_PUBLIC_KEYS = var.nix_trusted_public_keys
-    NIX_MAX_JOBS            = var.nix_max_jobs
-    NIX_TIMEOUT             = tostring(var.nix_timeout)
-    NIX_GC_ABOVE_BYTES      = tostring(var.nix_gc_above_bytes)
-    NIX_STORE_ROOT          = "/tmp/nix"
-    WORK_DIR                = "/tmp/nixery"
+    NIX_SUBSTITUTERS         = var.nix_substituters
+    NIX_TRUSTED_PUBLIC_KEYS  = var.nix_trusted_public_keys
+    NIX_MAX_JOBS             = var.nix_max_jobs
+    NIX_TIMEOUT              = tostring(var.nix_timeout)
+    NIX_GC_ABOVE_BYTES       = tostring(var.nix_gc_above_bytes)
+    NIX_STORE_ROOT           = "/tmp/nix"
+    WORK_DIR                 = "/tmp/nixery"
   }
+
+  memory_mib = tonumber(regex("^[0-9]+", var.memory)) * (endswith(var.memory, "Gi") ? 1024 : 1)
 
   # functions-framework's server (gunicorn): Python runs one thread at a time per process,
   # so one worker process per vCPU. A request waiting for a build holds its thread, and the
@@ -84,7 +86,7 @@ resource "google_artifact_registry_repository" "builds" {
     }
   }
 
-  depends_on = [google_project_service.apis]
+  depends_on = [google_project_service.apis, time_sleep.service_agents]
 }
 
 resource "google_cloudfunctions2_function" "registry" {
@@ -131,6 +133,11 @@ resource "google_cloudfunctions2_function" "registry" {
       error_message = "Set nix_bootstrap_url and nix_bootstrap_sha256 together (a mirrored Nix and its sha256), or neither (the Nix comes from nix_bootstrap_store_path)."
     }
     precondition {
+      # Cloud Run: at most 4 GiB per vCPU; 4 vCPUs need at least 2 GiB, 6 and 8 at least 4 GiB.
+      condition     = local.memory_mib <= 4096 * tonumber(var.cpu) && local.memory_mib >= (tonumber(var.cpu) >= 6 ? 4096 : tonumber(var.cpu) >= 4 ? 2048 : 0)
+      error_message = "memory ${var.memory} does not fit cpu ${var.cpu}: Cloud Run allows at most 4Gi per vCPU (raise cpu, or lower memory), and at least 2Gi with 4 vCPUs, 4Gi with 6 or 8."
+    }
+    precondition {
       condition     = var.nix_timeout < var.timeout_seconds
       error_message = "nix_timeout must be below timeout_seconds, or clients see the request cut before the build ends."
     }
@@ -138,6 +145,7 @@ resource "google_cloudfunctions2_function" "registry" {
 
   # The build and the first start need their permissions in place, not just requested.
   depends_on = [
+    time_sleep.service_agents,
     time_sleep.build_permissions_propagate,
     google_project_iam_member.runtime_cache,
     google_storage_bucket_iam_member.runtime_layers,

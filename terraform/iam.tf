@@ -15,11 +15,20 @@ resource "google_storage_bucket_iam_member" "runtime_layers" {
   member = google_service_account.runtime.member
 }
 
-# The build cache in Firestore.
+# The build cache in Firestore: documents of its one database only. Firestore roles are
+# granted on the project; an IAM condition on the database's resource name narrows this
+# one to the registry's database (another application's database, or "(default)" when it
+# is not ours, stays out of reach).
 resource "google_project_iam_member" "runtime_cache" {
   project = var.project
   role    = "roles/datastore.user"
   member  = google_service_account.runtime.member
+
+  condition {
+    title       = "${var.name}-cache-database-only"
+    description = "Only the ${var.name} registry's Firestore database."
+    expression  = "resource.name == \"projects/${var.project}/databases/${local.firestore_database}\""
+  }
 }
 
 # Signed URLs: a function has no private key, so it signs through the IAM signBlob API
@@ -42,19 +51,39 @@ resource "google_service_account" "build" {
 }
 
 # The roles Google documents for a function's build account: write the build log; read
-# the source Cloud Functions stages in a bucket it creates and names itself, which is why
-# object access is granted on the project rather than on one bucket; push the image and
-# the build cache image (writer on the function's own repository only).
+# the source; push the image and the build cache image (writer on the function's own
+# repository only). Cloud Functions copies the source archive into a bucket it creates and
+# names itself, gcf-v2-sources-<project number>-<region>, and the build reads it there: read
+# access (objectViewer, not objectAdmin) is granted on the project with a condition naming
+# that bucket, so the build account can neither read nor write any other bucket, and in
+# particular cannot touch the layers every client pulls.
 resource "google_project_iam_member" "build_logs" {
   project = var.project
   role    = "roles/logging.logWriter"
   member  = google_service_account.build.member
 }
 
-resource "google_project_iam_member" "build_objects" {
+locals {
+  function_sources_bucket = "projects/_/buckets/gcf-v2-sources-${google_storage_bucket.source.project_number}-${var.region}"
+}
+
+resource "google_project_iam_member" "build_reads_sources" {
   project = var.project
-  role    = "roles/storage.objectAdmin"
+  role    = "roles/storage.objectViewer"
   member  = google_service_account.build.member
+
+  condition {
+    title       = "${var.name}-function-sources-only"
+    description = "Only the bucket Cloud Functions stages this region's function sources in."
+    expression  = "resource.name == \"${local.function_sources_bucket}\" || resource.name.startsWith(\"${local.function_sources_bucket}/\")"
+  }
+}
+
+# And our own archive, where Cloud Functions takes it from.
+resource "google_storage_bucket_iam_member" "build_reads_own_source" {
+  bucket = google_storage_bucket.source.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.build.member
 }
 
 resource "google_artifact_registry_repository_iam_member" "build_pushes_image" {
@@ -73,7 +102,8 @@ resource "time_sleep" "build_permissions_propagate" {
 
   triggers = {
     logs    = google_project_iam_member.build_logs.id
-    objects = google_project_iam_member.build_objects.id
+    sources = google_project_iam_member.build_reads_sources.id
+    own     = google_storage_bucket_iam_member.build_reads_own_source.id
     image   = google_artifact_registry_repository_iam_member.build_pushes_image.id
   }
 }

@@ -34,6 +34,13 @@ resource "google_storage_bucket" "layers" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = length(local.layer_bucket_name) <= 56
+      error_message = "The layer bucket would be named ${local.layer_bucket_name} (${length(local.layer_bucket_name)} characters); with the source bucket's -source that passes GCS's 63. Shorten var.name or set layer_bucket_name to at most 56 characters."
+    }
+  }
+
   depends_on = [google_project_service.apis]
 }
 

@@ -3,11 +3,21 @@
 variable "project" {
   description = "Google Cloud project ID to deploy into."
   type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.project))
+    error_message = "project must be a project ID (6 to 30 lower-case letters, digits or dashes, starting with a letter), not its name or number: see `gcloud projects list`."
+  }
 }
 
 variable "region" {
   description = "Region of the function, the layer bucket and the function's build images (e.g. us-central1, europe-west1)."
   type        = string
+
+  validation {
+    condition     = can(regex("^[a-z]+-[a-z]+[0-9]+$", var.region))
+    error_message = "region must be a Cloud Functions region such as us-central1 or europe-west1 (not a zone like europe-west1-b, nor a multi-region)."
+  }
 }
 
 variable "name" {
@@ -152,15 +162,28 @@ variable "python_runtime" {
 }
 
 variable "memory" {
-  description = "Memory of one instance. /tmp (the Nix store and scratch files) lives in memory too, so large closures need more."
+  description = "Memory of one instance, in Mi or Gi (1Gi to 32Gi; at most 4Gi per vCPU). /tmp (the Nix store and scratch files) lives in memory too, so large closures need more."
   type        = string
   default     = "4Gi"
+
+  validation {
+    condition = can(regex("^[0-9]+(Mi|Gi)$", var.memory)) ? (
+      tonumber(regex("^[0-9]+", var.memory)) * (endswith(var.memory, "Gi") ? 1024 : 1) >= 1024 &&
+      tonumber(regex("^[0-9]+", var.memory)) * (endswith(var.memory, "Gi") ? 1024 : 1) <= 32768
+    ) : false
+    error_message = "memory must be written like 4Gi or 2048Mi, between 1Gi (Nix and its store in /tmp need it) and 32Gi (Cloud Run's maximum)."
+  }
 }
 
 variable "cpu" {
-  description = "vCPUs of one instance (more than one request per instance needs at least 1)."
+  description = "vCPUs of one instance: 1, 2, 4, 6 or 8 (the registry serves several requests at once, which Cloud Run allows from 1 vCPU; one server process per vCPU)."
   type        = string
   default     = "2"
+
+  validation {
+    condition     = contains(["1", "2", "4", "6", "8"], var.cpu)
+    error_message = "cpu must be \"1\", \"2\", \"4\", \"6\" or \"8\" (Cloud Run's whole-vCPU sizes; fractions of a vCPU allow only one request at a time)."
+  }
 }
 
 variable "timeout_seconds" {
@@ -175,15 +198,25 @@ variable "timeout_seconds" {
 }
 
 variable "concurrency" {
-  description = "Requests one instance serves at once (max_instance_request_concurrency). Blob requests are redirects and cheap; builds share the instance's Nix store."
+  description = "Requests one instance serves at once (max_instance_request_concurrency, 1 to 1000). Blob requests are redirects and cheap; builds share the instance's Nix store."
   type        = number
   default     = 16
+
+  validation {
+    condition     = var.concurrency >= 1 && var.concurrency <= 1000 && floor(var.concurrency) == var.concurrency
+    error_message = "concurrency must be a whole number from 1 to 1000 (Cloud Run's limit)."
+  }
 }
 
 variable "max_instances" {
   description = "Upper bound on instances, and so on the bill under load. Instances scale to zero when idle."
   type        = number
   default     = 5
+
+  validation {
+    condition     = var.max_instances >= 1 && floor(var.max_instances) == var.max_instances
+    error_message = "max_instances must be a whole number of at least 1 (0 would leave nothing to serve pulls)."
+  }
 }
 
 variable "public" {
@@ -195,9 +228,14 @@ variable "public" {
 # --- Storage and cache ---------------------------------------------------------------
 
 variable "layer_bucket_name" {
-  description = "Name of the private layer bucket; \"\" means <project>-<name>-layers."
+  description = "Name of the private layer bucket; \"\" means <project>-<name>-layers. The source bucket is named after it with -source, so at most 56 characters."
   type        = string
   default     = ""
+
+  validation {
+    condition     = var.layer_bucket_name == "" || can(regex("^[a-z0-9][a-z0-9_.-]{1,54}[a-z0-9]$", var.layer_bucket_name))
+    error_message = "layer_bucket_name must be \"\" or 3 to 56 lower-case letters, digits, dashes, dots or underscores, starting and ending with a letter or digit (GCS allows 63; the source bucket adds -source)."
+  }
 }
 
 variable "force_destroy_layers" {
@@ -213,9 +251,14 @@ variable "create_firestore_database" {
 }
 
 variable "firestore_database" {
-  description = "FIRESTORE_DATABASE: the Firestore database ID. A project has at most one \"(default)\"; if yours already has one (native mode), set create_firestore_database = false."
+  description = "FIRESTORE_DATABASE: the Firestore database ID; \"\" means a database of the registry's own, <name>-cache (a project has many; its location is this module's, and destroy removes only it). \"(default)\" uses the project's default database (its location is tied to the project's default resource location; it is never deleted by destroy)."
   type        = string
-  default     = "(default)"
+  default     = ""
+
+  validation {
+    condition     = contains(["", "(default)"], var.firestore_database) || can(regex("^[a-z][a-z0-9-]{2,61}[a-z0-9]$", var.firestore_database))
+    error_message = "firestore_database must be \"\" (<name>-cache), \"(default)\", or 4 to 63 lower-case letters, digits or dashes, starting with a letter and ending with a letter or digit."
+  }
 }
 
 variable "firestore_location" {

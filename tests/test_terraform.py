@@ -233,7 +233,29 @@ def test_firestore_backend_uses_these_collections():
 def test_firestore_database_is_native_mode():
     database = resource("google_firestore_database", "cache")
     assert database["type"] == "FIRESTORE_NATIVE"
-    assert variables()["firestore_database"]["default"] == Config.firestore_database
+
+
+def test_firestore_is_a_database_of_the_modules_own_by_default_and_default_remains_possible():
+    assert variables()["firestore_database"]["default"] == ""
+    assert local("firestore_database_id") == (
+        '${var.firestore_database != "" ? var.firestore_database : "${var.name}-cache"}')
+    database = resource("google_firestore_database", "cache")
+    assert database["name"] == "${local.firestore_database_id}"
+    # "(default)" may be shared by the time of a destroy: never deleted.
+    assert database["deletion_policy"] == (
+        '${local.firestore_database_id == "(default)" ? "ABANDON" : var.firestore_deletion_policy}')
+    condition = one(variables()["firestore_database"]["validation"])["condition"]
+    assert "(default)" in condition
+    # The code's own default stays "(default)" (local runs, the emulator); terraform always sets it.
+    assert Config.firestore_database == "(default)"
+    assert environment()["FIRESTORE_DATABASE"] == "${local.firestore_database}"
+
+
+def test_the_runtime_reaches_only_its_own_firestore_database():
+    grant = resource("google_project_iam_member", "runtime_cache")
+    condition = one(grant["condition"])
+    assert condition["expression"] == (
+        'resource.name == "projects/${var.project}/databases/${local.firestore_database}"')
 
 
 # --- storage -------------------------------------------------------------------------
@@ -338,6 +360,7 @@ def test_runtime_identity_has_exactly_the_least_privilege_roles():
             granted.add((kind, body["role"], target))
     assert granted == {
         ("google_storage_bucket_iam_member", "roles/storage.objectAdmin", "${google_storage_bucket.layers.name}"),
+        # Conditioned on the registry's database (test_the_runtime_reaches_only_its_own_firestore_database).
         ("google_project_iam_member", "roles/datastore.user", "${var.project}"),
         (
             "google_service_account_iam_member",
@@ -346,6 +369,31 @@ def test_runtime_identity_has_exactly_the_least_privilege_roles():
         ),
     }
     assert environment()["GCS_SIGNING_ACCOUNT"] == "${google_service_account.runtime.email}"
+
+
+BUILD_MEMBER = "${google_service_account.build.member}"
+
+
+def test_the_build_identity_reads_only_function_sources_and_writes_only_its_image_repository():
+    granted = {}
+    for kind, name, body in all_resources():
+        if body.get("member") == BUILD_MEMBER:
+            granted[name] = (kind, body["role"], body.get("condition"))
+    roles = {role for _, role, _ in granted.values()}
+    assert roles == {"roles/logging.logWriter", "roles/storage.objectViewer", "roles/artifactregistry.writer"}
+    # No write access to any bucket: the layers every client pulls are out of its reach.
+    assert not any("storage.object" in role and role != "roles/storage.objectViewer" for role in roles)
+    kind, _, condition = granted["build_reads_sources"]
+    assert kind == "google_project_iam_member"
+    expression = one(condition)["expression"]
+    assert "${local.function_sources_bucket}" in expression and "startsWith" in expression
+    assert local("function_sources_bucket") == (
+        "projects/_/buckets/gcf-v2-sources-${google_storage_bucket.source.project_number}-${var.region}")
+    assert granted["build_reads_own_source"][0] == "google_storage_bucket_iam_member"
+    assert resource("google_storage_bucket_iam_member", "build_reads_own_source")["bucket"] == (
+        "${google_storage_bucket.source.name}")
+    project_grants = [(role, c) for kind, role, c in granted.values() if kind == "google_project_iam_member"]
+    assert all(c or role == "roles/logging.logWriter" for role, c in project_grants), project_grants
 
 
 def test_no_authoritative_iam():
@@ -359,8 +407,42 @@ def test_no_authoritative_iam():
 
 def test_required_apis_are_enabled():
     services = local("services")
-    for api in ("cloudfunctions", "run", "cloudbuild", "artifactregistry", "storage", "firestore", "iamcredentials"):
+    for api in ("cloudfunctions", "run", "cloudbuild", "artifactregistry", "storage", "firestore", "iamcredentials",
+                "iam", "logging", "cloudresourcemanager"):
         assert f"{api}.googleapis.com" in services
+
+
+def test_the_function_waits_for_the_service_agents_its_apis_create():
+    wait = resource("time_sleep", "service_agents")
+    assert int(wait["create_duration"].rstrip("s")) >= 60
+    assert "google_project_service.apis" in wait["triggers"]["apis"]
+    assert "${time_sleep.service_agents}" in function()["depends_on"]
+    assert "${time_sleep.service_agents}" in resource("google_artifact_registry_repository", "builds")["depends_on"]
+
+
+@pytest.mark.parametrize("name, says", [
+    ("project", "project ID"), ("region", "region"), ("name", "lower-case"), ("memory", "Gi"),
+    ("cpu", "cpu"), ("concurrency", "1000"), ("max_instances", "at least 1"),
+    ("layer_bucket_name", "56"), ("firestore_database", "(default)"), ("nix_bootstrap_store_path", "store path"),
+    ("nix_bootstrap_sha256", "hex"),
+])
+def test_inputs_that_could_make_an_invalid_name_or_size_are_validated_with_a_message_saying_what_to_change(name, says):
+    validation = one(variables()[name]["validation"])
+    assert says in validation["error_message"]
+    assert "var." + name in validation["condition"]
+
+
+def test_bucket_names_stay_within_gcs_limits_and_memory_fits_the_cpu():
+    layers = resource("google_storage_bucket", "layers")
+    [precondition] = one(layers["lifecycle"])["precondition"]
+    assert precondition["condition"] == "${length(local.layer_bucket_name) <= 56}"
+    assert "Shorten var.name or set layer_bucket_name" in precondition["error_message"]
+    assert resource("google_storage_bucket", "source")["name"] == "${local.layer_bucket_name}-source"  # +7 = 63
+    # The longest project ID (30) and name (24) make too long a name: the precondition catches it.
+    assert len("a" * 30 + "-" + "b" * 24 + "-layers") > 56
+    preconditions = one(function()["lifecycle"])["precondition"]
+    sizing = [p for p in preconditions if "local.memory_mib" in p["condition"]]
+    assert sizing and "4Gi per vCPU" in sizing[0]["error_message"]
 
 
 def test_providers_are_pinned():
