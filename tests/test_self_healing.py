@@ -7,11 +7,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from builder.cache import LayerRecord
+from builder.cache.sqlite import SqliteCache
 from builder.manifest import DOCKER_MANIFEST, OCI_MANIFEST
 from tests.test_clients import skopeo_to_oci
 
@@ -171,6 +174,25 @@ def test_a_broken_cache_file_is_set_aside_and_the_registry_starts_and_serves(sta
     assert Path(reset["moved_to"]).exists() and Path(reset["moved_to"]).name.startswith("cache.sqlite.broken-")
     assert registry.get("/v2/hello/manifests/latest", headers=OCI).status_code == 200
     assert len(registry.builds()) == 1, "the new cache file records what was built"
+
+
+def test_a_cache_file_broken_while_in_use_is_replaced_at_the_next_call(tmp_path, capsys):
+    path = tmp_path / "cache.sqlite"
+    cache = SqliteCache(str(path))
+    for i in range(300):
+        cache.put_layer(LayerRecord(f"layer-{i}", "sha256:" + "a" * 64, "sha256:" + "b" * 64, i, "c" * 32))
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+    data = bytearray(path.read_bytes())
+    data[4096:] = os.urandom(len(data) - 4096)
+    path.write_bytes(bytes(data))
+    with pytest.raises(sqlite3.DatabaseError):
+        cache.get_layer("layer-150")  # this call fails (the builder treats it as a miss) ...
+    assert cache.get_layer("layer-150") is None  # ... the next one reads a new, empty file
+    cache.put_layer(LayerRecord("again", "sha256:" + "a" * 64, "sha256:" + "b" * 64, 1, "c" * 32))
+    assert cache.get_layer("again") is not None
+    assert '"event":"cache-reset"' in capsys.readouterr().out
+    assert len(list(tmp_path.glob("cache.sqlite.broken-*"))) == 1
 
 
 # -- GCS (fake-gcs-server) ------------------------------------------------------------------------
