@@ -1,10 +1,9 @@
 """Nix for an instance that has none (Cloud Functions): fetched, verified and unpacked under /tmp.
 
 At the first build that needs Nix, a static Nix is fetched into WORK_DIR and verified before it
-runs: by store path from the trusted binary cache (NIX_BOOTSTRAP_STORE_PATH: signed narinfo,
-NAR checked against the signed size and hash), or from an operator's mirror (NIX_BOOTSTRAP_URL,
-checked against NIX_BOOTSTRAP_SHA256), which wins when set. Wrappers in `<root>/bin` keep Nix's
-home, configuration and caches under WORK_DIR. Why static, and why wrappers: docs/design.md.
+runs: by store path from the trusted binary cache (NIX_BOOTSTRAP_STORE_PATH: signed narinfo, NAR
+size and hash), or from a mirror (NIX_BOOTSTRAP_URL + NIX_BOOTSTRAP_SHA256), which wins when set.
+Wrappers in `<root>/bin` keep Nix's home and caches under WORK_DIR. Why: docs/design.md.
 """
 from __future__ import annotations
 

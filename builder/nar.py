@@ -1,16 +1,9 @@
 """Unpack a Nix archive (NAR) from a stream, refusing anything that would leave the target.
 
-A NAR is how a binary cache ships one store path: a tree of regular files
-(optionally executable), symbolic links and directories, serialised as
-length-prefixed strings padded to 8 bytes (Eelco Dolstra's thesis, figure 5.2;
-`nix-store --dump` writes one). It has no headers to trust and no absolute or
-relative paths, only one name per directory entry, so checking each name
-(no "/", ".", "..", NUL, empty) and their strict order (which also rules out
-duplicates, so nothing can be written through a symbolic link made earlier)
-keeps every write beneath the target. Symbolic link targets are data: they are
-created as given, never followed.
-
-The reader streams: file contents go to disk in chunks, never whole into memory.
+Each entry name is checked (no "/", ".", "..", NUL, empty) and entries must come in strictly
+ascending order, so every write stays beneath the target; symbolic link targets are data,
+created as given and never followed. File contents stream to disk in chunks, never whole into
+memory. The format and why this suffices: docs/design.md, "Nix on the function".
 """
 from __future__ import annotations
 

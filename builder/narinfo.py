@@ -1,11 +1,8 @@
 """Binary cache metadata: `<hash>.narinfo` files, their signatures, and Nix's base-32.
 
-A binary cache (cache.nixos.org, or `nix copy --to file://...`) describes each
-store path in a small `Key: value` text file named after the path's hash part.
-It names the compressed NAR (`URL`, `Compression`, `FileSize`, `FileHash`) and
-the NAR itself (`NarHash`, `NarSize`); `Sig` lines are ed25519 signatures over
-the path's fingerprint, `1;<store path>;<NarHash>;<NarSize>;<references>`.
-Only the fingerprint is signed: FileHash and FileSize are not, so trust comes
+A narinfo names a store path's compressed NAR (`URL`, `Compression`, `FileSize`, `FileHash`) and
+the NAR itself (`NarHash`, `NarSize`); `Sig` lines are ed25519 signatures over the fingerprint
+`1;<store path>;<NarHash>;<NarSize>;<references>`. Only the fingerprint is signed, so trust comes
 from checking NarHash and NarSize on the unpacked bytes.
 """
 from __future__ import annotations
