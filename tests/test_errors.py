@@ -11,11 +11,15 @@ from builder import errors
 pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
 
 
-def test_every_error_class_is_in_the_code_table_under_its_own_code():
+def test_each_code_has_one_class_in_the_code_table_and_refinements_keep_a_known_code():
     defined = {cls for _, cls in inspect.getmembers(errors, inspect.isclass)
                if issubclass(cls, errors.RegistryError) and cls is not errors.RegistryError}
-    assert set(errors.BY_CODE.values()) == defined
+    codes = [cls.code for cls in defined if cls.__bases__ == (errors.RegistryError,)]
+    assert len(codes) == len(set(codes)) == len(errors.BY_CODE)
+    assert set(errors.BY_CODE.values()) == {cls for cls in defined if cls.__bases__ == (errors.RegistryError,)}
     assert all(code == cls.code for code, cls in errors.BY_CODE.items())
+    # A refinement (StorageFull: a 507 ServerError) is remembered and read back as its code's class.
+    assert {cls.code for cls in defined} == set(errors.BY_CODE)
 
 
 @pytest.mark.parametrize("cls", sorted(errors.BY_CODE.values(), key=lambda c: c.code))
