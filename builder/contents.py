@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from . import archive, manifest, names
+from . import archive, manifest, names, redact
 from .sources import PackageSource
 
 NONROOT_ID = 65532
@@ -119,7 +119,8 @@ def provenance(request: names.ImageRequest, source: PackageSource, info: dict[st
     if source.revision:
         labels["org.opencontainers.image.revision"] = source.revision
     if source.kind != "path":
-        labels["org.opencontainers.image.source"] = source.location
+        # A private repository's URL may carry a token: images are public, tokens are not.
+        labels["org.opencontainers.image.source"] = redact.without_credentials(source.location)
     if len(request.requested) == 1:
         package = info.get(request.requested[0]) or {}
         if isinstance(package.get("version"), str) and package["version"]:

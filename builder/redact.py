@@ -19,6 +19,12 @@ _SECRET_PARAMETER = re.compile(
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?P<first>[A-Za-z0-9._+-]+)(?P<rest>(?:/[^\s'\"`<>|;:,)\]}]*)?)")
 
 
+def without_credentials(text: str) -> str:
+    """`text` with URL passwords and signature or token parameters replaced by `<redacted>`."""
+    text = _URL_USERINFO.sub(lambda m: m["scheme"] + "<redacted>@", text)
+    return _SECRET_PARAMETER.sub(lambda m: m["name"] + "<redacted>", text)
+
+
 class Redactor:
     def __init__(self, package_sets: Iterable[str] = (), store_root: str | None = None,
                  host_root_entries: Iterable[str] | None = None):
@@ -42,8 +48,7 @@ class Redactor:
         return cls(package_sets=[config.pkgs_path] if config.pkgs_path else [], store_root=config.nix_store)
 
     def text(self, text: str) -> str:
-        text = _URL_USERINFO.sub(lambda m: m["scheme"] + "<redacted>@", text)
-        text = _SECRET_PARAMETER.sub(lambda m: m["name"] + "<redacted>", text)
+        text = without_credentials(text)
         if self._store_prefix:
             text = text.replace(self._store_prefix, "/nix/store/")
         for folder in self._package_sets:

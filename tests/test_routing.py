@@ -291,3 +291,14 @@ def test_a_damaged_blob_is_never_served(client, stand_in):
     assert response.status_code == 404 and response.get_json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert stand_in.forgotten_blobs == [LAYER_DIGEST]
     assert not path.exists(), "the damaged file is removed, so the next build packs it again"
+
+
+def test_an_image_names_its_source_repository_without_its_credentials():
+    from builder import contents, names
+    from builder.sources import PackageSource
+
+    source = PackageSource("git", "https://builder:glpat-s3cret@git.example.com/pkgs.git", "a" * 40,
+                           "git:x", True, "main")
+    request = names.parse_image_name("hello", always_include=(), max_packages=8, max_length=100)
+    labels = contents.provenance(request, source, {}, None)
+    assert labels["org.opencontainers.image.source"] == "https://<redacted>@git.example.com/pkgs.git"

@@ -195,6 +195,17 @@ def test_a_cache_file_broken_while_in_use_is_replaced_at_the_next_call(tmp_path,
     assert len(list(tmp_path.glob("cache.sqlite.broken-*"))) == 1
 
 
+def test_clients_see_no_host_path_when_nix_is_missing_and_the_log_keeps_it(start_registry, tmp_path):
+    missing = tmp_path / "no-nix-here"
+    registry = start_registry({"NIX_BIN_DIR": str(missing)})
+    response = registry.get("/v2/hello/manifests/latest")
+    assert response.status_code == 500
+    assert "cannot run <path>" in response.json()["errors"][0]["message"]
+    assert str(tmp_path) not in response.text
+    [logged] = [e for e in registry.events("request") if e["status"] == 500]
+    assert str(missing) in logged["cause"], "the operator's log keeps the whole message"
+
+
 # -- GCS (fake-gcs-server) ------------------------------------------------------------------------
 
 def object_name(digest: str) -> str:
