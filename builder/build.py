@@ -45,6 +45,7 @@ def nix_settings(config: Config, bin_dir: str | None, running: nix.RunningProces
         substituters=config.nix_substituters,
         trusted_public_keys=config.nix_trusted_public_keys,
         max_jobs=config.nix_max_jobs,
+        extra_platforms=config.nix_extra_platforms,
         store_lock=os.path.join(config.work_dir, "store.lock"),
         running=running,
     )

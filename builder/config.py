@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ServerError
+from .names import ARCHITECTURES
 from .sources import NIXPKGS_ARCHIVE, NIXPKGS_CHANNELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +84,8 @@ class Config:
     build_lease_seconds: int = setting("BUILD_LEASE_SECONDS", 30, _int)
     build_concurrency: int = setting("BUILD_CONCURRENCY", 0, _int)  # builds at once per instance; 0 = by memory
     build_memory_bytes: int = setting("BUILD_MEMORY_BYTES", 768 << 20, _int)  # one build's memory (evaluation, packing)
+    # What an image index lists, in order; empty: no index, single manifests only.
+    platforms: tuple[str, ...] = setting("PLATFORMS", ("linux/amd64", "linux/arm64"), _words)
 
     # Nix
     nix_timeout: int = setting("NIX_TIMEOUT", 600, _int)
@@ -92,6 +95,8 @@ class Config:
     nix_trusted_public_keys: str = setting("NIX_TRUSTED_PUBLIC_KEYS", "", str)
     nix_max_jobs: str = setting("NIX_MAX_JOBS", "auto")  # 0 = substitute only, never compile
     nix_gc_above_bytes: int = setting("NIX_GC_ABOVE_BYTES", 0, _int)  # 0 = never
+    # Nix's extra-platforms: systems besides the host's whose builders run here.
+    nix_extra_platforms: str = setting("NIX_EXTRA_PLATFORMS", "", lambda raw: " ".join(_words(raw)))
     work_dir: str = setting("WORK_DIR", "/tmp/nixery")
     nix_bootstrap_url: str | None = setting("NIX_BOOTSTRAP_URL")
     nix_bootstrap_sha256: str | None = setting("NIX_BOOTSTRAP_SHA256")
@@ -180,6 +185,9 @@ class Config:
             raise ServerError("configuration: GCS_SIGNED_URL_TTL must be between 1 and 900 seconds")
         if self.cache_backend not in ("sqlite", "firestore"):
             raise ServerError("configuration: NIXERY_CACHE_BACKEND must be sqlite or firestore")
+        known = [f"linux/{architecture}" for architecture in ARCHITECTURES]
+        if not set(self.platforms) <= set(known) or len(set(self.platforms)) != len(self.platforms):
+            raise ServerError(f"configuration: PLATFORMS lists distinct platforms out of {', '.join(known)}")
 
 
 # Variable name -> its Config field, for documentation and deployment checks.

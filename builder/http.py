@@ -25,6 +25,7 @@ from .build import ImageBuilder
 from .cache import ImageRecord
 from .config import Config, open_cache, open_storage
 from .logs import event
+from .platforms import IndexBuilder
 from .redact import Redactor
 from .storage import LocalFile, Redirect, Storage
 
@@ -105,6 +106,16 @@ class ManifestMemory:
                 self._bytes -= len(dropped)
 
 
+OMITTED_PLATFORMS_HEADER = "Nixery-Omitted-Platforms"
+
+
+def _note_omitted_platforms(response: flask.Response, index: bytes) -> None:
+    """Platforms an index leaves out, and why, as a JSON object in a header clients can show."""
+    omitted = manifest.omitted_platforms(index)
+    if omitted:
+        response.headers[OMITTED_PLATFORMS_HEADER] = json.dumps(omitted, sort_keys=True)
+
+
 class Registry:
     def __init__(self, config: Config, storage: Storage, builder: ImageBuilder):
         self.config = config
@@ -112,6 +123,7 @@ class Registry:
         self.builder = builder
         self.manifests = ManifestMemory(config.manifest_memory_bytes)
         self.redact = Redactor.from_config(config)
+        self.indexes = IndexBuilder(builder, config.platforms)
 
     @classmethod
     def from_config(cls, config: Config, check_storage: bool = True) -> "Registry":
@@ -173,14 +185,18 @@ class Registry:
             name, always_include=self.config.always_include, max_packages=self.config.max_packages,
             max_length=self.config.max_name_length,
         )
-        wanted = manifest.choose_media_type(request.headers.getlist("Accept"))
-        record = self.builder.image(image, reference)
+        accept = request.headers.getlist("Accept")
+        if self.indexes.serves(image) and (index_type := manifest.choose_index_type(accept)) is not None:
+            build, wanted = (lambda: self.indexes.index(image, reference)), index_type
+        else:
+            build, wanted = (lambda: self.builder.image(image, reference)), manifest.choose_media_type(accept)
+        record = build()
         try:
             return self._image_manifest(record, wanted)
         except errors.ManifestUnknown as e:
             # The cache names an image storage no longer holds whole: build it again, now.
             self.builder.forget_image(record.key, e.message)
-        record = self.builder.image(image, reference)
+        record = build()
         try:
             return self._image_manifest(record, wanted)
         except errors.ManifestUnknown as e:
@@ -203,7 +219,10 @@ class Registry:
             known = self._read_manifest(digest)
             self.manifests.put(digest, *known)
         media_type, data = known
-        return _json(200, data, content_type=media_type, **{"Docker-Content-Digest": digest})
+        response = _json(200, data, content_type=media_type, **{"Docker-Content-Digest": digest})
+        if media_type in manifest.INDEX_TYPES:
+            _note_omitted_platforms(response, data)
+        return response
 
     def _read_manifest(self, digest: str) -> tuple[str, bytes]:
         stat = self.storage.stat(digest)
@@ -280,7 +299,9 @@ class Registry:
 package; the image holds exactly those packages.</p>
 <pre>docker pull {html.escape(host)}/shell/hello
 podman pull {html.escape(host)}/shell/hello</pre>
-<p><code>shell</code> adds bash, coreutils, moreutils and nano; <code>arm64</code> builds for aarch64-linux.
+<p><code>shell</code> adds bash, coreutils, moreutils and nano. Clients that accept an image index get one
+listing an image per platform ({html.escape(", ".join(self.config.platforms) or "none configured")}) and pick
+their own; a leading <code>arm64</code> asks for the aarch64-linux image alone.
 Tags: <code>latest</code>, or a commit of the package source where it has commits.</p>
 <h2>Recent build errors on this instance</h2>
 <ul>{failures}</ul>

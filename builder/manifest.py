@@ -92,17 +92,15 @@ def manifest_media_type(data: bytes) -> str | None:
     except ValueError:
         return None
     media_type = document.get("mediaType") if isinstance(document, dict) else None
-    return media_type if media_type in MANIFEST_TYPES else None
+    return media_type if media_type in MANIFEST_TYPES + INDEX_TYPES else None
 
 
-def choose_media_type(accept_headers: Iterable[str]) -> str:
-    """The manifest flavour to serve for these Accept header lines.
+def _accepted(accept_headers: Iterable[str]) -> list[tuple[float, int, str]]:
+    """(-quality, position, media type) for every type the Accept lines allow (q > 0).
 
-    Go clients send one Accept line per type, others one comma-separated line:
-    all are read. The client's first acceptable type wins (highest q first);
-    without a usable Accept, Docker schema2 is what every client understands.
+    Go clients send one Accept line per type, others one comma-separated line: all are read.
     """
-    candidates: list[tuple[float, int, str]] = []
+    accepted: list[tuple[float, int, str]] = []
     position = 0
     for header in accept_headers:
         for item in header.split(","):
@@ -115,6 +113,70 @@ def choose_media_type(accept_headers: Iterable[str]) -> str:
                     except ValueError:
                         quality = 0.0
             position += 1
-            if media_type in MANIFEST_TYPES and quality > 0:
-                candidates.append((-quality, position, media_type))
+            if quality > 0:
+                accepted.append((-quality, position, media_type))
+    return accepted
+
+
+def choose_media_type(accept_headers: Iterable[str]) -> str:
+    """The manifest flavour to serve for these Accept header lines.
+
+    The client's first acceptable type wins (highest q first); without a usable
+    Accept, Docker schema2 is what every client understands.
+    """
+    candidates = [c for c in _accepted(accept_headers) if c[2] in MANIFEST_TYPES]
     return min(candidates)[2] if candidates else DOCKER_MANIFEST
+
+
+# -- image indexes: one name, an image per platform ----------------------------
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+# Each index flavour lists the image manifests of its own family.
+INDEX_ENTRY_TYPE = {OCI_INDEX: OCI_MANIFEST, DOCKER_MANIFEST_LIST: DOCKER_MANIFEST}
+# Why platforms are missing from an index: a JSON object, platform -> message.
+OMITTED_PLATFORMS_ANNOTATION = "nixery.omitted-platforms"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    platform: str  # "linux/arm64"
+    digest: str
+    size: int
+
+
+def choose_index_type(accept_headers: Iterable[str]) -> str | None:
+    """The index flavour a client accepts (the OCI one whenever OCI's is accepted), or None."""
+    accepted = {media_type for _, _, media_type in _accepted(accept_headers)}
+    return next((t for t in INDEX_TYPES if t in accepted), None)
+
+
+def image_index(media_type: str, entries: Sequence[IndexEntry], omitted: dict[str, str]) -> bytes:
+    """An OCI image index or Docker manifest list of `entries`, noting the omitted platforms."""
+    document: dict = {
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": [
+            {
+                "mediaType": INDEX_ENTRY_TYPE[media_type],
+                "digest": entry.digest,
+                "size": entry.size,
+                "platform": {"architecture": entry.platform.split("/", 1)[1], "os": entry.platform.split("/", 1)[0]},
+            }
+            for entry in entries
+        ],
+    }
+    if omitted:
+        document["annotations"] = {OMITTED_PLATFORMS_ANNOTATION: json.dumps(omitted, sort_keys=True)}
+    return json.dumps(document, indent=3).encode()
+
+
+def omitted_platforms(data: bytes) -> dict[str, str]:
+    """Platform -> why it is missing, as noted in an index built by `image_index`."""
+    try:
+        note = json.loads(data).get("annotations", {}).get(OMITTED_PLATFORMS_ANNOTATION)
+        omitted = json.loads(note) if note else {}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+    return omitted if isinstance(omitted, dict) else {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import DigestInvalid, ManifestUnknown, NameInvalid
 
@@ -115,3 +115,21 @@ def image_key(request: ImageRequest, source_identity: str) -> str:
 
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def for_platform(request: ImageRequest, platform: str) -> ImageRequest:
+    """The image `request` means on `platform` ("linux/arm64"), named as a client would name it.
+
+    An index entry is the very image of that name: same cache key, same manifest digest.
+    """
+    architecture = platform.split("/", 1)[1]
+    if architecture == request.architecture:
+        return request
+    if names_platform(request):
+        raise ValueError(f"{request.name} names its platform")
+    return replace(request, name=f"{architecture}/{request.name}", architecture=architecture)
+
+
+def names_platform(request: ImageRequest) -> bool:
+    """Whether the name itself chose a platform (`arm64/...`): such a name means one image, no index."""
+    return request.architecture != "amd64"

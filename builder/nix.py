@@ -48,6 +48,9 @@ class NixSettings:
     substituters: str = ""  # offline default: none
     trusted_public_keys: str = ""
     max_jobs: int | str = "auto"  # 0 = substitute only, never compile
+    # Systems besides the host's whose builders run here (Nix's extra-platforms); none by default:
+    # foreign outputs normally come from the binary cache.
+    extra_platforms: str = ""
     extra_options: tuple[tuple[str, str], ...] = ()
     # A file every process using this store locks: builds shared, garbage collection
     # exclusively. None: no garbage collection.
@@ -138,6 +141,8 @@ def _options(settings: NixSettings, timeout: int | None = None) -> list[str]:
     ]
     if settings.store:
         options.append(("store", settings.store))
+    if settings.extra_platforms:
+        options.append(("extra-platforms", settings.extra_platforms))
     if timeout is not None:
         options += [("timeout", str(timeout)), ("max-silent-time", str(timeout))]
     options += list(settings.extra_options)

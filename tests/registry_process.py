@@ -41,6 +41,8 @@ class RegistryProcess:
             "CACHE_PATH": str(self.state_dir / "cache.sqlite"),
             "WORK_DIR": str(self.state_dir / "work"),
             "NIX_TIMEOUT": "60",
+            # The demo set's aarch64-linux packages are built by the host's busybox.
+            "NIX_EXTRA_PLATFORMS": "aarch64-linux",
             "PYTHONUNBUFFERED": "1",
         })
         base.update(env or {})

@@ -60,7 +60,7 @@ def test_accept_sent_as_separate_header_lines_is_read_whole(shared_registry):
     # What Go clients send: one Accept line per type, OCI among them but not first.
     connection = http.client.HTTPConnection(shared_registry.host, timeout=120)
     connection.putrequest("GET", "/v2/hello/manifests/latest")
-    for media_type in ("application/vnd.oci.image.index.v1+json", OCI_MANIFEST, DOCKER_MANIFEST):
+    for media_type in ("application/vnd.docker.distribution.manifest.v1+prettyjws", OCI_MANIFEST, DOCKER_MANIFEST):
         connection.putheader("Accept", media_type)
     connection.endheaders()
     response = connection.getresponse()

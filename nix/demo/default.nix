@@ -6,13 +6,15 @@
 # binary cache or a network. Outputs are shell scripts and busybox links with
 # real runtime references between them, so images run in a chroot.
 #
-# The set only builds binaries for the host: `system` is accepted for
-# compatibility with nixpkgs' calling convention, but every derivation's
-# `system` is `builtins.currentSystem`, whatever was asked.
+# Every derivation is built for `system`, so each platform has its own store
+# paths (and `busybox` records the system in `share/busybox/system`). The
+# builder is always the host's busybox: for a foreign system Nix runs it only
+# with `extra-platforms` set (the registry's NIX_EXTRA_PLATFORMS), and the
+# outputs of a foreign system hold host binaries: a stand-in, for tests that
+# read files rather than run them. `cpuid` exists on x86_64-linux only.
 { system ? builtins.currentSystem, ... }:
 
 let
-  hostSystem = builtins.currentSystem;
 
   # The busybox binary must live in a directory: a store path that is the
   # binary itself is named `<hash>-busybox` and busybox then looks for an
@@ -33,8 +35,7 @@ let
   '';
 
   mkDerivation = name: script: extra: derivation ({
-    inherit name;
-    system = hostSystem;
+    inherit name system;
     builder = "${busyboxDir}/busybox";
     args = [ "sh" "-e" "-c" (preamble + script) ];
   } // extra);
@@ -81,6 +82,8 @@ let
     mkdir -p "$out/bin"
     cp ${busyboxDir}/busybox "$out/bin/busybox"
     chmod 555 "$out/bin/busybox"
+    mkdir -p "$out/share/busybox"
+    echo ${system} > "$out/share/busybox/system"
     for applet in $(busybox --list); do
       [ "$applet" = busybox ] || ln -s busybox "$out/bin/$applet"
     done
@@ -247,6 +250,17 @@ let
     ${builtins.concatStringsSep "\n" (map (p: ''ln -s ${p} "$out/share/${p.name}"'') benchGiantParts)}
   '' { };
 
+  # Like nixpkgs for a package whose meta.platforms leave this system out:
+  # evaluating it throws.
+  onlyOn = platforms: drv:
+    if builtins.elem system platforms then drv
+    else throw "Package '${drv.name}' is not available on the requested hostPlatform ${system} (meta.platforms: ${builtins.concatStringsSep ", " platforms})";
+
+  cpuid = onlyOn [ "x86_64-linux" ] (mkScript "cpuid-20230505" "bin/cpuid" ''
+    #!${sh}
+    echo "cpuid (demo): GenuineIntel"
+  '');
+
   failsToBuild = mkDerivation "fails-to-build" ''
     echo "failsToBuild: this package is broken on purpose (demo)" >&2
     exit 1
@@ -262,7 +276,7 @@ in
 {
   inherit busybox bashInteractive coreutils moreutils nano cacert iana-etc;
   inherit libgreeting hello goodbye tools helloWorld _7zip demoPackages;
-  inherit bigPackage benchGiant failsToBuild neverFinishes;
+  inherit bigPackage benchGiant cpuid failsToBuild neverFinishes;
   failsToEvaluate = throw "failsToEvaluate: this package cannot be evaluated (demo)";
 }
 # pname, version and meta as nixpkgs has them (hello and goodbye have theirs

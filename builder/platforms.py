@@ -1,0 +1,144 @@
+"""Image indexes: one image name for every platform.
+
+A manifest request by tag from a client that accepts an index (OCI image index,
+Docker manifest list) gets one listing an image per configured platform
+(PLATFORMS). Each entry is the very image its platform's name means (the
+arm64 entry of `hello` is what `arm64/hello` returns), built, cached and
+single-flighted per platform by `ImageBuilder.image`, all platforms at once.
+
+A platform that fails is left out, and the index says why (an annotation the
+HTTP layer turns into a header); the request fails only when every platform
+fails, naming each one's error. The index is cached like an image, under a key
+of its own, after its entries' blobs (stored before `image` returns) and its
+own bytes are stored.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from . import errors, manifest, names, sources
+from .build import ImageBuilder
+from .cache import ImageRecord, ManifestRef
+
+# The longest reason for an omitted platform that an index notes.
+OMISSION_MAX_CHARS = 300
+
+
+def index_key(request: names.ImageRequest, platforms: tuple[str, ...], source_identity: str) -> str:
+    """The cache key of an index: JSON, like image keys, and never equal to one."""
+    return json.dumps(["index", list(platforms), list(request.packages), source_identity], separators=(",", ":"))
+
+
+def _one_line(message: str) -> str:
+    text = " / ".join(line.strip() for line in message.splitlines() if line.strip())
+    return text if len(text) <= OMISSION_MAX_CHARS else text[: OMISSION_MAX_CHARS - 3].rstrip() + "..."
+
+
+def _all_failed(failures: dict[str, errors.RegistryError]) -> errors.RegistryError:
+    """One error for a request no platform could serve, naming each platform's error."""
+    first = next(iter(failures.values()))
+    if all(type(e) is type(first) and e.message == first.message and e.detail == first.detail
+           for e in failures.values()):
+        return type(first)(f"{', '.join(failures)}: {first.message}", first.detail)
+    message = "\n".join(f"{platform}: {e.message}" for platform, e in failures.items())
+    detail = {"platforms": {platform: {"code": e.code, "message": e.message, "detail": e.detail}
+                            for platform, e in failures.items()}}
+    kinds = {type(e) for e in failures.values()}
+    if len(kinds) == 1:
+        return first.__class__(message, detail)
+    # The name is at fault somewhere (a package missing everywhere it was asked for): a 404.
+    if any(e.status < 500 for e in failures.values()):
+        return errors.ManifestUnknown(message, detail)
+    return errors.ServerError(message, detail)
+
+
+class IndexBuilder:
+    def __init__(self, builder: ImageBuilder, platforms: tuple[str, ...]):
+        self.builder = builder
+        self.platforms = platforms
+        self._in_flight: dict[str, Future] = {}
+        self._in_flight_lock = threading.Lock()
+
+    def serves(self, request: names.ImageRequest) -> bool:
+        """Whether this name gets an index: platforms are configured and the name chose none."""
+        return bool(self.platforms) and not names.names_platform(request)
+
+    def index(self, request: names.ImageRequest, tag: str) -> ImageRecord:
+        """The index of `request` under `tag`: one manifest per index flavour."""
+        config = self.builder.config
+        source = sources.resolve(tag, channel=config.channel, pkgs_repo=config.pkgs_repo, pkgs_path=config.pkgs_path)
+        key = index_key(request, self.platforms, source.identity)
+        record = self.builder.cached_image(key)
+        if record is not None:
+            return record
+        with self._in_flight_lock:
+            future = self._in_flight.get(key)
+            leader = future is None
+            if leader:
+                future = self._in_flight[key] = Future()
+        if not leader:
+            return future.result()
+        try:
+            record = self._assemble(request, tag, source, key)
+            future.set_result(record)
+            return record
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._in_flight_lock:
+                del self._in_flight[key]
+
+    def _images(self, request: names.ImageRequest, tag: str) -> dict[str, ImageRecord | errors.RegistryError]:
+        """Every platform's image (or why not), built at the same time."""
+        def one(platform: str) -> ImageRecord | errors.RegistryError:
+            try:
+                return self.builder.image(names.for_platform(request, platform), tag)
+            except errors.RegistryError as e:
+                return e
+            except Exception as e:  # our own fault: logged whole, the other platforms still served
+                self.builder.log("index-platform-error", f"{platform} of {request.name}: {e}", severity="ERROR",
+                                 traceback=traceback.format_exc())
+                return errors.ServerError("internal server error; see the registry's logs")
+
+        with ThreadPoolExecutor(max_workers=len(self.platforms), thread_name_prefix="platform") as pool:
+            return dict(zip(self.platforms, pool.map(one, self.platforms)))
+
+    def _assemble(self, request: names.ImageRequest, tag: str, source: sources.PackageSource,
+                  key: str) -> ImageRecord:
+        results = self._images(request, tag)
+        images = {p: r for p, r in results.items() if isinstance(r, ImageRecord)}
+        failures = {p: r for p, r in results.items() if not isinstance(r, ImageRecord)}
+        if not images:
+            raise _all_failed(failures)
+        omitted = {platform: _one_line(e.message) for platform, e in failures.items()}
+        refs = []
+        for media_type in manifest.INDEX_TYPES:
+            entry_type = manifest.INDEX_ENTRY_TYPE[media_type]
+            entries = []
+            for platform, image in images.items():
+                ref = next(m for m in image.manifests if m.media_type == entry_type)
+                entries.append(manifest.IndexEntry(platform, ref.digest, ref.size))
+            data = manifest.image_index(media_type, entries, omitted)
+            digest = manifest.digest_of(data)
+            self.builder.storage.put_bytes(digest, data, media_type)
+            refs.append(ManifestRef(digest, len(data), media_type))
+        now = time.time()
+        # No longer than its entries live; a platform left out is tried again once its failure is forgotten.
+        expires_at = min(image.expires_at for image in images.values())
+        if failures:
+            expires_at = min(expires_at, now + self.builder.config.failure_ttl)
+        record = ImageRecord(key, tuple(refs), source.identity, now, expires_at)
+        if omitted:
+            self.builder.log("index-partial", f"index of {request.name} leaves out {', '.join(omitted)}",
+                             severity="WARNING", image=request.name, omitted=omitted)
+        try:  # written last: every blob of every entry, and the index itself, are stored by now
+            self.builder.cache.put_image(record)
+        except Exception as e:  # the cache is an optimisation
+            self.builder.log("cache-degraded", f"cache index write failed: {e}", severity="WARNING",
+                             error=type(e).__name__)
+        return record
