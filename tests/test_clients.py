@@ -2,24 +2,28 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from builder.manifest import OCI_MANIFEST
+from builder.manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests import clients
 
 pytestmark = pytest.mark.clients
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args, env=None, timeout=300, check=True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+def run(*args, env=None, timeout=300, check=True, text=True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=text, timeout=timeout,
                             env={**os.environ, **(env or {})}, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\nstdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}")
@@ -181,18 +185,19 @@ def test_containerd_pulls_by_tag_and_by_digest_and_runs(shared_registry, contain
 
 def test_crane_pull_and_digest(shared_registry, tmp_path):
     crane = clients.crane()
+    # crane accepts indexes: the tag's digest is the index's, as a HEAD by the tag with crane's types says.
     digest = run(crane, "digest", "--insecure", f"{shared_registry.host}/hello:latest").stdout.strip()
-    head = shared_registry.head("/v2/hello/manifests/latest", headers={"Accept": OCI_MANIFEST})
-    assert digest.startswith("sha256:")
+    head = shared_registry.head("/v2/hello/manifests/latest", headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"})
+    assert digest == head.headers["Docker-Content-Digest"]
     run(crane, "pull", "--insecure", "--format", "oci", f"{shared_registry.host}/hello:latest", tmp_path / "layout")
     run(crane, "validate", "--insecure", "--remote", f"{shared_registry.host}/hello:latest")
-    # crane asks for OCI and docker types alike and gets the same digest as a HEAD by the tag.
+    # Without --platform crane keeps the whole index, with every platform's image.
     index = json.loads((tmp_path / "layout" / "index.json").read_text())
     pulled = index["manifests"][0]["digest"]
     assert pulled == digest
-    assert digest in (head.headers["Docker-Content-Digest"],
-                      shared_registry.head("/v2/hello/manifests/latest").headers["Docker-Content-Digest"])
-    assert (tmp_path / "layout" / "blobs" / "sha256" / pulled.split(":")[1]).exists()
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    entries = json.loads((blobs / pulled.split(":")[1]).read_text())["manifests"]
+    assert len(entries) == 2 and all((blobs / e["digest"].split(":")[1]).exists() for e in entries)
 
 
 def test_oci_conformance_suite_pull(shared_registry, tmp_path):
@@ -205,3 +210,100 @@ def test_oci_conformance_suite_pull(shared_registry, tmp_path):
     result = run(clients.conformance_test(), *clients.CONFORMANCE_FLAGS, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stdout[-6000:]
     assert "| 0 Failed |" in result.stdout and "0 Passed" not in result.stdout
+
+
+# -- one name, every platform: clients choose from the image index ------------------------------
+
+
+def platform_entry(registry, image: str, architecture: str, media_type: str = OCI_INDEX) -> dict:
+    index = registry.get(f"/v2/{image}/manifests/latest", headers={"Accept": media_type}).json()
+    [entry] = [m for m in index["manifests"] if m["platform"]["architecture"] == architecture]
+    return entry
+
+
+def demo_system_file(system: str) -> str:
+    """The demo busybox's record of the system it was built for, as a path inside an image."""
+    expression = f'(import {REPO_ROOT / "nix" / "demo"} {{ system = "{system}"; }}).busybox.outPath'
+    busybox = json.loads(run("nix-instantiate", "--eval", "--json", "-E", expression).stdout)
+    return f"{busybox}/share/busybox/system"
+
+
+def test_crane_manifest_shows_the_index(shared_registry):
+    shown = json.loads(run(clients.crane(), "manifest", "--insecure", f"{shared_registry.host}/hello:latest").stdout)
+    assert shown["mediaType"] == OCI_INDEX
+    assert [m["platform"] for m in shown["manifests"]] == [{"architecture": "amd64", "os": "linux"},
+                                                          {"architecture": "arm64", "os": "linux"}]
+
+
+def test_skopeo_override_arch_copies_the_arm64_image(shared_registry, tmp_path):
+    layout = tmp_path / "layout"
+    run(tool("skopeo"), "--override-arch", "arm64", "copy", "--src-tls-verify=false",
+        f"docker://{shared_registry.host}/shell/hello:latest", f"oci:{layout}:latest")
+    [copied] = json.loads((layout / "index.json").read_text())["manifests"]
+    assert copied["digest"] == platform_entry(shared_registry, "shell/hello", "arm64")["digest"]
+    run(tool("umoci"), "unpack", "--image", f"{layout}:latest", tmp_path / "bundle")
+    rootfs = tmp_path / "bundle" / "rootfs"
+    assert (rootfs / demo_system_file("aarch64-linux").lstrip("/")).read_text() == "aarch64-linux\n"
+    assert not (rootfs / demo_system_file("x86_64-linux").lstrip("/")).exists()
+
+
+def test_docker_pull_platform_arm64_takes_the_arm64_image(shared_registry, dockerd):
+    image = f"{shared_registry.host}/goodbye"
+    run(tool("docker"), "pull", "--platform", "linux/arm64", image, env=dockerd)
+    inspect = json.loads(run(tool("docker"), "image", "inspect", image, env=dockerd).stdout)[0]
+    assert inspect["Architecture"] == "arm64"
+    index_digest = shared_registry.head("/v2/goodbye/manifests/latest",
+                                        headers={"Accept": OCI_INDEX}).headers["Docker-Content-Digest"]
+    assert inspect["RepoDigests"] == [f"{image}@{index_digest}"]
+    # Its files are the aarch64-linux build (created, never run: this host cannot run arm64).
+    container = run(tool("docker"), "create", "--platform", "linux/arm64", image, "true", env=dockerd).stdout.strip()
+    try:
+        archive = run(tool("docker"), "cp", f"{container}:{demo_system_file('aarch64-linux')}", "-",
+                      env=dockerd, text=False).stdout
+    finally:
+        run(tool("docker"), "rm", container, env=dockerd)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert tar.extractfile(tar.getmembers()[0]).read() == b"aarch64-linux\n"
+
+
+def test_default_docker_pull_takes_the_amd64_image_from_the_index(shared_registry, dockerd):
+    image = f"{shared_registry.host}/tools"
+    run(tool("docker"), "pull", image, env=dockerd)
+    inspect = json.loads(run(tool("docker"), "image", "inspect", image, env=dockerd).stdout)[0]
+    assert inspect["Architecture"] == "amd64"
+    amd64 = shared_registry.head("/v2/tools/manifests/latest", headers={"Accept": DOCKER_MANIFEST})
+    assert inspect["Id"] == json.loads(shared_registry.get(
+        f"/v2/tools/manifests/{amd64.headers['Docker-Content-Digest']}").content)["config"]["digest"]
+
+
+def test_podman_pull_arch_arm64_takes_the_arm64_image(shared_registry, podman_state):
+    image = f"{shared_registry.host}/shell/goodbye"
+    run(tool("podman"), *podman_state, "pull", "--tls-verify=false", "--arch", "arm64", image)
+    [inspect] = json.loads(run(tool("podman"), *podman_state, "image", "inspect", image).stdout)
+    assert inspect["Architecture"] == "arm64"
+    entry = platform_entry(shared_registry, "shell/goodbye", "arm64")
+    # podman names the image by the index's digest and by the arm64 manifest's.
+    assert f"{image}@{entry['digest']}" in inspect["RepoDigests"]
+    mounted = Path(run(tool("podman"), *podman_state, "image", "mount", image).stdout.strip())
+    try:
+        assert (mounted / demo_system_file("aarch64-linux").lstrip("/")).read_text() == "aarch64-linux\n"
+    finally:
+        run(tool("podman"), *podman_state, "image", "unmount", image)
+
+
+def test_ctr_pull_platform_arm64_fetches_the_arm64_image(shared_registry, containerd, tmp_path):
+    image = f"{shared_registry.host}/shell/hello:latest"
+    run(*containerd, "image", "pull", "--plain-http", "--platform", "linux/arm64", image)
+    entry = platform_entry(shared_registry, "shell/hello", "arm64")
+    manifest = json.loads(run(*containerd, "content", "get", entry["digest"], text=False).stdout)
+    config = json.loads(run(*containerd, "content", "get", manifest["config"]["digest"], text=False).stdout)
+    assert config["architecture"] == "arm64"
+    wanted = demo_system_file("aarch64-linux").lstrip("/")
+    found = False
+    for layer in manifest["layers"]:
+        blob = run(*containerd, "content", "get", layer["digest"], text=False).stdout
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
+            for member in tar:
+                if member.name.lstrip("./") == wanted:
+                    found = tar.extractfile(member).read() == b"aarch64-linux\n"
+    assert found
