@@ -29,8 +29,9 @@ OMISSION_MAX_CHARS = 300
 
 
 def index_key(request: names.ImageRequest, platforms: tuple[str, ...], source_identity: str) -> str:
-    """The cache key of an index: JSON, like image keys, and never equal to one."""
-    return json.dumps(["index", list(platforms), list(request.packages), source_identity], separators=(",", ":"))
+    """The cache key of an index: its entries' image keys, in order (never equal to an image key)."""
+    entries = [names.image_key(names.for_platform(request, platform), source_identity) for platform in platforms]
+    return json.dumps(["index", *entries], separators=(",", ":"))
 
 
 def _one_line(message: str) -> str:
@@ -69,8 +70,7 @@ class IndexBuilder:
 
     def index(self, request: names.ImageRequest, tag: str) -> ImageRecord:
         """The index of `request` under `tag`: one manifest per index flavour."""
-        config = self.builder.config
-        source = sources.resolve(tag, channel=config.channel, pkgs_repo=config.pkgs_repo, pkgs_path=config.pkgs_path)
+        source = self.builder.resolve_source(tag)
         key = index_key(request, self.platforms, source.identity)
         record = self.builder.cached_image(key)
         if record is not None:

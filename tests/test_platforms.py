@@ -226,3 +226,12 @@ def test_the_index_expires_with_its_images_and_is_then_rebuilt(start_registry):
     again = registry.get("/v2/hello/manifests/latest", headers=OCI_ONLY)
     assert again.status_code == 200 and len(registry.builds()) == 4
     assert again.content == first.content  # the same packages give the same digests
+
+
+def test_names_differing_only_in_meta_packages_get_their_own_indexes(shared_registry):
+    plain = by_platform(index_of(shared_registry, "shell/hello"))
+    nonroot = by_platform(index_of(shared_registry, "nonroot/shell/hello"))
+    single = shared_registry.head("/v2/nonroot/shell/hello/manifests/latest", headers={"Accept": OCI_MANIFEST})
+    assert nonroot["linux/amd64"]["digest"] == single.headers["Docker-Content-Digest"]
+    assert nonroot["linux/amd64"]["digest"] != plain["linux/amd64"]["digest"]
+    assert nonroot["linux/arm64"]["digest"] != plain["linux/arm64"]["digest"]
