@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import DigestInvalid, ManifestUnknown, NameInvalid
 
@@ -117,17 +117,10 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def for_platform(request: ImageRequest, platform: str) -> ImageRequest:
-    """The image `request` means on `platform` ("linux/arm64"), named as a client would name it.
-
-    An index entry is the very image of that name: same cache key, same manifest digest.
-    """
+def platform_name(name: str, platform: str) -> str:
+    """The name a client gives the image of `name` on `platform` ("linux/arm64"): `arm64/<name>`."""
     architecture = platform.split("/", 1)[1]
-    if architecture == request.architecture:
-        return request
-    if names_platform(request):
-        raise ValueError(f"{request.name} names its platform")
-    return replace(request, name=f"{architecture}/{request.name}", architecture=architecture)
+    return name if architecture == "amd64" else f"{architecture}/{name}"
 
 
 def names_platform(request: ImageRequest) -> bool:

@@ -28,9 +28,10 @@ from .cache import ImageRecord, ManifestRef
 OMISSION_MAX_CHARS = 300
 
 
-def index_key(request: names.ImageRequest, platforms: tuple[str, ...], source_identity: str) -> str:
+def index_key(images: dict[str, names.ImageRequest | errors.RegistryError], source_identity: str) -> str:
     """The cache key of an index: its entries' image keys, in order (never equal to an image key)."""
-    entries = [names.image_key(names.for_platform(request, platform), source_identity) for platform in platforms]
+    entries = [names.image_key(image, source_identity) if isinstance(image, names.ImageRequest) else platform
+               for platform, image in images.items()]
     return json.dumps(["index", *entries], separators=(",", ":"))
 
 
@@ -71,7 +72,8 @@ class IndexBuilder:
     def index(self, request: names.ImageRequest, tag: str) -> ImageRecord:
         """The index of `request` under `tag`: one manifest per index flavour."""
         source = self.builder.resolve_source(tag)
-        key = index_key(request, self.platforms, source.identity)
+        images = self._images_named(request)
+        key = index_key(images, source.identity)
         record = self.builder.cached_image(key)
         if record is not None:
             return record
@@ -83,7 +85,7 @@ class IndexBuilder:
         if not leader:
             return future.result()
         try:
-            record = self._assemble(request, tag, source, key)
+            record = self._assemble(request, images, tag, source, key)
             future.set_result(record)
             return record
         except BaseException as e:
@@ -93,24 +95,41 @@ class IndexBuilder:
             with self._in_flight_lock:
                 del self._in_flight[key]
 
-    def _images(self, request: names.ImageRequest, tag: str) -> dict[str, ImageRecord | errors.RegistryError]:
+    def _images_named(self, request: names.ImageRequest) -> dict[str, names.ImageRequest | errors.RegistryError]:
+        """Platform -> the image its name (`arm64/<name>`) asks for: the same request, key and digest."""
+        config = self.builder.config
+        images: dict[str, names.ImageRequest | errors.RegistryError] = {}
+        for platform in self.platforms:
+            try:
+                images[platform] = names.parse_image_name(
+                    names.platform_name(request.name, platform), always_include=config.always_include,
+                    max_packages=config.max_packages, max_length=config.max_name_length)
+            except errors.RegistryError as e:  # the longer name may exceed a bound: that platform only
+                images[platform] = e
+        return images
+
+    def _images(self, images: dict[str, names.ImageRequest | errors.RegistryError],
+                tag: str) -> dict[str, ImageRecord | errors.RegistryError]:
         """Every platform's image (or why not), built at the same time."""
         def one(platform: str) -> ImageRecord | errors.RegistryError:
+            image = images[platform]
+            if isinstance(image, errors.RegistryError):
+                return image
             try:
-                return self.builder.image(names.for_platform(request, platform), tag)
+                return self.builder.image(image, tag)
             except errors.RegistryError as e:
                 return e
             except Exception as e:  # our own fault: logged whole, the other platforms still served
-                self.builder.log("index-platform-error", f"{platform} of {request.name}: {e}", severity="ERROR",
+                self.builder.log("index-platform-error", f"{image.name}: {e}", severity="ERROR",
                                  traceback=traceback.format_exc())
                 return errors.ServerError("internal server error; see the registry's logs")
 
         with ThreadPoolExecutor(max_workers=len(self.platforms), thread_name_prefix="platform") as pool:
             return dict(zip(self.platforms, pool.map(one, self.platforms)))
 
-    def _assemble(self, request: names.ImageRequest, tag: str, source: sources.PackageSource,
-                  key: str) -> ImageRecord:
-        results = self._images(request, tag)
+    def _assemble(self, request: names.ImageRequest, images_named: dict, tag: str,
+                  source: sources.PackageSource, key: str) -> ImageRecord:
+        results = self._images(images_named, tag)
         images = {p: r for p, r in results.items() if isinstance(r, ImageRecord)}
         failures = {p: r for p, r in results.items() if not isinstance(r, ImageRecord)}
         if not images:
