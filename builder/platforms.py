@@ -1,16 +1,8 @@
-"""Image indexes: one image name for every platform.
+"""Image indexes: one image name for every platform (PLATFORMS).
 
-A manifest request by tag from a client that accepts an index (OCI image index,
-Docker manifest list) gets one listing an image per configured platform
-(PLATFORMS). Each entry is the very image its platform's name means (the
-arm64 entry of `hello` is what `arm64/hello` returns), built, cached and
-single-flighted per platform by `ImageBuilder.image`, all platforms at once.
-
-A platform that fails is left out, and the index says why (an annotation the
-HTTP layer turns into a header); the request fails only when every platform
-fails, naming each one's error. The index is cached like an image, under a key
-of its own, after its entries' blobs (stored before `image` returns) and its
-own bytes are stored.
+Each entry is the very image its platform's name (`arm64/<name>`) returns, built and
+cached by `ImageBuilder.image`, all platforms at once; a failing platform is left out
+and named in the index, the request fails only when all do. Why: docs/design.md.
 """
 from __future__ import annotations
 
