@@ -24,7 +24,17 @@ Then `fetch`: the bootstrapped Nix fetches a nixpkgs-sized package-set tarball
 chroot store on a private tmpfs (TMPDIR on it too, as on the function), twice: the
 first downloads and unpacks it, the second is answered by Nix's fetch cache.
 
+Then `resolution`: the package source is a generated set of nixpkgs' shape (bench/nixpkgs_shaped.py:
+tens of thousands of files, a deep import graph, a shared base every package forces) published as a
+channel on loopback (`<channel>/git-revision`, a tarball per commit), and per round:
+(a) a fresh instance pulls never-seen `hello` (bootstrap, fetch + unpack + evaluate, substitute,
+pack + upload), then `coreutils` and `bashinteractive`; (b) another fresh instance is asked for the
+manifest of `coreutils/hello`, a new combination of known packages; (c) the warm first instance is
+asked for `bashinteractive/hello`. Fetch and unpack are split out of the evaluation by timing the
+tarball's download and a bare fetchTarball of it once.
+
 Usage: .venv/bin/python bench/bench_cold_function.py [--rounds 3] [--fetch-files 45000]
+       [--resolution-files 40000] [--only-resolution]
 """
 from __future__ import annotations
 
@@ -40,11 +50,13 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import nixpkgs_shaped  # noqa: E402
 from builder import bootstrap  # noqa: E402
 from builder.config import Config  # noqa: E402
 from tests.fixtures_firestore import FirestoreEmulator, find_emulator_jar  # noqa: E402
@@ -138,16 +150,26 @@ def fake_package_set(folder: Path, files: int, seed: int = 1) -> Path:
 
 def measure_fetch(artefact_url: str, sha256: str, files: int, scratch: Path) -> dict:
     """Two fetchTarball evaluations into a chroot store on a private tmpfs (memory, as on the function)."""
-    work = scratch / "fetch"
-    bin_dir = bootstrap.ensure_nix(Config.from_env({"WORK_DIR": str(work / "nixery"), "NIX_BOOTSTRAP_URL": artefact_url,
-                                                    "NIX_BOOTSTRAP_SHA256": sha256}), lambda *a, **k: None)
     served = scratch / "served"
     served.mkdir()
     tarball = fake_package_set(served, files)
     server = FileServer(served).start()
+    try:
+        result = time_fetch(artefact_url, sha256, f"{server.url}/{tarball.name}", scratch / "fetch",
+                            "(import (builtins.fetchTarball URL) {}).answer")
+    finally:
+        server.stop()
+    return {"files": files, "tarball_bytes": tarball.stat().st_size, **result,
+            "requests": server.count(tarball.name)}
+
+
+def time_fetch(artefact_url: str, sha256: str, url: str, work: Path, expression: str) -> dict:
+    """Evaluate `expression` (URL stands for `url`) twice with the bootstrapped Nix, on a private tmpfs."""
+    bin_dir = bootstrap.ensure_nix(Config.from_env({"WORK_DIR": str(work / "nixery"), "NIX_BOOTSTRAP_URL": artefact_url,
+                                                    "NIX_BOOTSTRAP_SHA256": sha256}), lambda *a, **k: None)
     mounted = work / "tmpfs"
     mounted.mkdir()
-    expression = f'(import (builtins.fetchTarball "{server.url}/{tarball.name}") {{}}).answer'
+    expression = expression.replace("URL", f'"{url}"')
     evaluate = " ".join(shlex.quote(a) for a in [
         os.path.join(bin_dir, "nix-instantiate"), "--eval", "--read-write-mode", "--option", "store",
         str(mounted / "nix"), "--option", "substituters", "", "-E", expression])
@@ -161,25 +183,104 @@ def measure_fetch(artefact_url: str, sha256: str, files: int, scratch: Path) -> 
         echo "used $(df -B1 --output=used {shlex.quote(str(mounted))} | tail -1)"
         echo "files $(find {shlex.quote(str(mounted))} | wc -l)"
     """
-    try:
-        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script],
-                                capture_output=True, text=True)
-    finally:
-        server.stop()
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
     lines = [line.split() for line in result.stdout.splitlines()]
     times = [float(end) - float(start) for kind, start, end in (x for x in lines if x[0] == "seconds")]
     used = next(int(x[1]) for x in lines if x[0] == "used")
     inodes = next(int(x[1]) for x in lines if x[0] == "files")
-    return {"files": files, "tarball_bytes": tarball.stat().st_size, "first": times[0], "second": times[1],
-            "tmpfs_used": used, "inodes": inodes, "requests": server.count(tarball.name)}
+    return {"first": times[0], "second": times[1], "tmpfs_used": used, "inodes": inodes}
+
+
+# -- resolution: fresh instances and a package set of nixpkgs' shape ---------------------------
+
+CHANNEL = "bench-unstable"
+COMMIT = "c0ffee" + "0" * 34
+
+
+def publish_channel(site: Path, files: int) -> Path:
+    """The generated set as a channel under `site`: channels/<CHANNEL>/git-revision, archive/<COMMIT>.tar.gz."""
+    (site / "channels" / CHANNEL).mkdir(parents=True)
+    (site / "channels" / CHANNEL / "git-revision").write_text(COMMIT + "\n")
+    (site / "archive").mkdir()
+    tree = nixpkgs_shaped.generate(site / "tree", files=files)
+    tarball = site / "archive" / f"{COMMIT}.tar.gz"
+    with tarfile.open(tarball, "w:gz", compresslevel=6) as tar:
+        tar.add(tree, arcname=f"nixpkgs-{COMMIT[:7]}")
+    shutil.rmtree(tree)
+    return tarball
+
+
+def get_manifest(function: CloudFunction, image: str) -> float:
+    """Seconds for one manifest GET (what `docker pull` waits for before any layer)."""
+    request = urllib.request.Request(f"http://{function.host}/v2/{image}/manifests/latest",
+                                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        response.read()
+    return time.perf_counter() - started
+
+
+def built(function: CloudFunction, image: str) -> dict:
+    return [e for e in function.events("nix-build") if e.get("image") == image and e.get("result") == "built"][-1]
+
+
+def resolution_round(i: int, root: Path, scratch: Path, base_env: dict, gcs: GcsEmulator, key_email: str,
+                     site: FileServer) -> dict:
+    bucket = gcs.client().create_bucket(f"bench-res-{uuid.uuid4().hex[:12]}")
+    env = {**base_env, "GCS_BUCKET": bucket.name, "GCS_SIGNING_ACCOUNT": key_email,
+           "FIRESTORE_COLLECTION_PREFIX": f"res{i}-{uuid.uuid4().hex[:6]}-"}
+    tarballs_before = site.count(".tar.gz")
+    row: dict = {}
+    first = CloudFunction(scratch / f"res{i}-a", root, env)
+    first.start()
+    second = None
+    try:
+        # (a) fresh instance, never-seen package
+        row["a_pull"] = pull(first, "hello", scratch / f"res{i}-oci-a")
+        [booted] = first.events("nix-bootstrap")
+        event = built(first, "hello")
+        row.update(a_bootstrap=booted["duration"], a_evaluate=event["seconds"].get("evaluate", 0.0),
+                   a_substitute=event["seconds"].get("substitute", 0.0), a_pack=event["seconds"].get("pack", 0.0),
+                   a_build=event["duration"], a_tmp=first.tmp_used_bytes())
+        row["a_manifest"] = get_manifest(first, "hello")  # cached now: the pull's own manifest GET built it
+        for image in ("coreutils", "bashinteractive"):
+            pull(first, image, scratch / f"res{i}-oci-{image}")
+        row["tarballs_a"] = site.count(".tar.gz") - tarballs_before
+
+        # (b) fresh instance, new combination of known packages
+        second = CloudFunction(scratch / f"res{i}-b", root, env)
+        second.start()
+        before = site.count(".tar.gz")
+        row["b_manifest"] = get_manifest(second, "coreutils/hello")
+        event = built(second, "coreutils/hello")
+        row.update(b_build=event["duration"], b_evaluated=event["evaluated"], b_recorded=event["recorded"],
+                   b_substitute=event["seconds"].get("substitute", 0.0), b_pack=event["seconds"].get("pack", 0.0),
+                   b_bootstrapped=len(second.events("nix-bootstrap")), b_tmp=second.tmp_used_bytes(),
+                   b_tarballs=site.count(".tar.gz") - before)
+
+        # (c) warm instance, new combination of known packages
+        before = site.count(".tar.gz")
+        row["c_manifest"] = get_manifest(first, "bashinteractive/hello")
+        event = built(first, "bashinteractive/hello")
+        row.update(c_build=event["duration"], c_evaluated=event["evaluated"], c_recorded=event["recorded"],
+                   c_substitute=event["seconds"].get("substitute", 0.0), c_pack=event["seconds"].get("pack", 0.0),
+                   c_tmp=first.tmp_used_bytes(), c_tarballs=site.count(".tar.gz") - before)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fetch-files", type=int, default=45000, help="0 skips the fetch measurement")
+    parser.add_argument("--resolution-files", type=int, default=40000, help="0 skips the resolution measurement")
+    parser.add_argument("--only-resolution", action="store_true", help="skip the other measurements")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-cold-"))
@@ -212,6 +313,10 @@ def main() -> None:
             "NIX_SUBSTITUTERS": servers[1].url, "NIX_TRUSTED_PUBLIC_KEYS": public_key,
             "NIXERY_PKGS_PATH": str(root / "source" / "nix" / "demo"),
         })
+        if args.resolution_files:
+            measure_resolution(args, root, scratch, env, gcs, key.email, artefact_url, sha256)
+        if args.only_resolution:
+            return
         rows = []
         for i in range(args.rounds):
             row = one_round(i, root, scratch, env, gcs, key.email)
@@ -239,6 +344,46 @@ def main() -> None:
         firestore.stop()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_resolution(args, root: Path, scratch: Path, env: dict, gcs: GcsEmulator, key_email: str,
+                       artefact_url: str, sha256: str) -> None:
+    site_dir = scratch / "site"
+    started = time.perf_counter()
+    tarball = publish_channel(site_dir, args.resolution_files)
+    print(f"package set generated and packed in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    site = FileServer(site_dir).start()
+    try:
+        url = f"{site.url}/archive/{tarball.name}"
+        started = time.perf_counter()
+        with urllib.request.urlopen(url) as response:
+            while response.read(1 << 20):
+                pass
+        download = time.perf_counter() - started
+        fetch = time_fetch(artefact_url, sha256, url, scratch / "res-fetch", "builtins.fetchTarball URL")
+        channel_env = {k: v for k, v in env.items() if k != "NIXERY_PKGS_PATH"}
+        channel_env.update(NIXERY_CHANNEL=CHANNEL, NIXPKGS_CHANNELS_URL=f"{site.url}/channels",
+                           NIXPKGS_ARCHIVE_URL=f"{site.url}/archive/{{rev}}.tar.gz")
+        rows = []
+        for i in range(args.rounds):
+            row = resolution_round(i, root, scratch, channel_env, gcs, key_email, site)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
+            rows.append(row)
+    finally:
+        site.stop()
+    print(f"\n## resolution: a {args.resolution_files}-file package set of nixpkgs' shape "
+          f"({mib(tarball.stat().st_size)} .tar.gz), {args.rounds} rounds (median, min, max; seconds)\n")
+    print(f"download of the tarball alone (loopback): {download:.2f} s; fetchTarball (download + unpack into "
+          f"the store, tmpfs): {fetch['first']:.2f} s, tmpfs {mib(fetch['tmpfs_used'])}")
+    for key_name in ("a_pull", "a_build", "a_bootstrap", "a_evaluate", "a_substitute", "a_pack", "a_manifest",
+                     "b_manifest", "b_build", "b_substitute", "b_pack", "c_manifest", "c_build", "c_substitute",
+                     "c_pack"):
+        print(f"{key_name:14} {summary(rows, key_name)}")
+    for key_name in ("a_tmp", "b_tmp", "c_tmp"):
+        print(f"{key_name:14} {mib(statistics.median(r[key_name] for r in rows))}")
+    for key_name in ("tarballs_a", "b_tarballs", "b_evaluated", "b_recorded", "b_bootstrapped", "c_tarballs",
+                     "c_evaluated", "c_recorded"):
+        print(f"{key_name:14} {[r[key_name] for r in rows]}")
 
 
 if __name__ == "__main__":
