@@ -19,8 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from . import (archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, resolution,
-               sources)
+from . import (archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, referrers,
+               resolution, sbom, sources)
 from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
@@ -477,10 +477,46 @@ class ImageBuilder:
             digest = manifest.digest_of(data)
             self.storage.put_bytes(digest, data, media_type)
             refs.append(ManifestRef(digest, len(data), media_type))
+        artifacts = self._store_sbom(request, closure, labels, config_blob, refs)
         now = time.time()
         ttl = self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl
-        blobs = (config_blob.digest, *dict.fromkeys(layer.digest for layer in image_layers))
+        blobs = (config_blob.digest, *dict.fromkeys(layer.digest for layer in image_layers), *artifacts)
         record = ImageRecord(key, tuple(refs), source.identity, now, now + ttl, blobs)
         # Written last: every blob it points at is stored by now.
         self._cache_call("image write", self.cache.put_image, record)
         return record
+
+    # -- the SBOM, a referrer of every manifest of the image -------------------
+
+    def _store_sbom(self, request: names.ImageRequest, closure: nix.Closure, labels: dict[str, str],
+                    config_blob: manifest.Blob, refs: list[ManifestRef]) -> list[str]:
+        """Store the image's SBOM and one artifact manifest per image manifest, and record them as referrers.
+
+        Returns the digests stored, so that losing one rebuilds the image.
+        """
+        started = time.monotonic()
+        document = sbom.generate(closure, request.title, labels, config_blob.digest)
+        blob = manifest.Blob(manifest.digest_of(document), len(document))
+        self.storage.put_bytes(blob.digest, document, sbom.MEDIA_TYPE)
+        self.storage.put_bytes(referrers.EMPTY_DIGEST, referrers.EMPTY_CONFIG, referrers.EMPTY_MEDIA_TYPE)
+        annotations = {"org.opencontainers.image.created": labels["org.opencontainers.image.created"]}
+        facts, stored = {}, [blob.digest]
+        for ref in refs:
+            data = referrers.artifact_manifest(manifest.Blob(ref.digest, ref.size), ref.media_type, sbom.MEDIA_TYPE,
+                                               blob, sbom.FILE_NAME, annotations)
+            stored.append(manifest.digest_of(data))
+            self.storage.put_bytes(stored[-1], data, manifest.OCI_MANIFEST)
+            facts[ref.digest] = {"manifests": [referrers.descriptor(data, sbom.MEDIA_TYPE, annotations)]}
+        self._cache_call("referrers write", self.cache.put_facts, referrers.FACT_KIND, facts,
+                         time.time() + referrers.FACT_TTL)
+        self.log("sbom", f"SBOM of {request.name}", image=request.name, components=len(closure.paths),
+                 bytes=len(document), duration=round(time.monotonic() - started, 4))
+        return stored
+
+    def referrers(self, digest: str) -> list[dict]:
+        """Descriptors of the artifact manifests whose subject is manifest `digest` (none when unknown)."""
+        facts = self._cache_call("referrers read", self.cache.get_facts, referrers.FACT_KIND, [digest], time.time(),
+                                 default={})
+        fact = facts.get(digest)
+        manifests = fact.value.get("manifests") if fact is not None and isinstance(fact.value, dict) else None
+        return [d for d in manifests if isinstance(d, dict)] if isinstance(manifests, list) else []

@@ -20,7 +20,7 @@ from typing import NoReturn
 import flask
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-from . import errors, manifest, names
+from . import errors, manifest, names, referrers
 from .build import ImageBuilder
 from .cache import ImageRecord
 from .config import Config, open_cache, open_storage
@@ -36,6 +36,7 @@ _TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list", re.DOTALL)
 _SINGLE_RANGE = re.compile(r"bytes=(?:(?P<first>[0-9]+)-(?P<last>[0-9]*)|-[0-9]+)")
 _MAX_TAGS_PAGE = 10_000  # tags/list?n= bound
 _LOGGED_PATH = 256  # characters of a request's path that reach the log
+_REFERRERS = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]*)", re.DOTALL)
 _MAX_MANIFEST_SIZE = 4 << 20  # larger blobs are layers, never read as manifests
 _API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 
@@ -171,6 +172,8 @@ class Registry:
             return self.blob(request, match["name"], match["digest"])
         if match := _TAGS.fullmatch(path):
             return self.tags(request, match["name"])
+        if match := _REFERRERS.fullmatch(path):
+            return self.referrers(request, match["name"], match["digest"])
         raise errors.NameUnknown(f"no such endpoint: {path[:200]}")
 
     # -- endpoints -------------------------------------------------------
@@ -181,6 +184,8 @@ class Registry:
             names.check_digest(reference)
             return self._manifest_by_digest(reference)
         names.check_tag(reference)
+        if match := referrers.TAG.fullmatch(reference):
+            return self.referrers_tag(name, "sha256:" + match[1])
         image = names.parse_image_name(
             name, always_include=self.config.always_include, max_packages=self.config.max_packages,
             max_length=self.config.max_name_length,
@@ -283,6 +288,26 @@ class Registry:
                 raise errors.PaginationNumberInvalid(f"n must be a whole number from 0 to {_MAX_TAGS_PAGE}, not {n[:20]!r}")
             tags = tags[: int(n)]
         return _json(200, json.dumps({"name": name, "tags": tags}).encode())
+
+    # -- referrers (OCI 1.1) ---------------------------------------------
+
+    def referrers(self, request: flask.Request, name: str, digest: str) -> flask.Response:
+        """The referrers API: an index of the artifacts whose subject is `digest`, empty when none."""
+        names.check_repository(name, self.config.max_name_length)
+        names.check_digest(digest)
+        artifact_type = request.args.get("artifactType") or None
+        body = referrers.index(self.builder.referrers(digest), artifact_type)
+        headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
+        return _json(200, body, content_type=referrers.INDEX_MEDIA_TYPE, **headers)
+
+    def referrers_tag(self, name: str, digest: str) -> flask.Response:
+        """The referrers tag schema (`sha256-<hex>`), for clients without the referrers API: 404 when none."""
+        found = self.builder.referrers(digest)
+        if not found:
+            raise errors.ManifestUnknown(f"no referrers of {digest}", {"digest": digest})
+        body = referrers.index(found)
+        return _json(200, body, content_type=referrers.INDEX_MEDIA_TYPE,
+                     **{"Docker-Content-Digest": manifest.digest_of(body)})
 
     def index(self) -> flask.Response:
         failures = "".join(

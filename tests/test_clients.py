@@ -200,6 +200,28 @@ def test_crane_pull_and_digest(shared_registry, tmp_path):
     assert len(entries) == 2 and all((blobs / e["digest"].split(":")[1]).exists() for e in entries)
 
 
+def test_oras_discovers_the_sbom_through_the_referrers_api_and_the_tag_schema_and_pulls_it(shared_registry, tmp_path):
+    oras, image = clients.oras(), f"{shared_registry.host}/shell/hello:latest"
+    digest = shared_registry.head("/v2/shell/hello/manifests/latest").headers["Docker-Content-Digest"]
+    found = {}
+    for spec in ("v1.1-referrers-api", "v1.1-referrers-tag"):
+        before = len(shared_registry.events("request"))
+        tree = json.loads(run(oras, "discover", "--plain-http", "--distribution-spec", spec, "--format", "json",
+                              "--artifact-type", "application/vnd.cyclonedx+json", image).stdout)
+        assert tree["digest"] == digest
+        [referrer] = tree["referrers"]
+        assert referrer["artifactType"] == "application/vnd.cyclonedx+json"
+        found[spec] = referrer["digest"]
+        paths = [e["path"] for e in shared_registry.events("request")[before:]]
+        asked = "/referrers/" if spec == "v1.1-referrers-api" else f"/manifests/{digest.replace(':', '-')}"
+        assert any(asked in path for path in paths), paths
+    assert found["v1.1-referrers-api"] == found["v1.1-referrers-tag"]
+    run(oras, "pull", "--plain-http", "-o", tmp_path / "out", f"{shared_registry.host}/shell/hello@{found['v1.1-referrers-api']}")
+    document = json.loads((tmp_path / "out" / "sbom.cdx.json").read_text())
+    assert document["bomFormat"] == "CycloneDX"
+    assert any(c["name"] == "hello" and c["version"] == "2.12.1" for c in document["components"])
+
+
 def test_oci_conformance_suite_pull(shared_registry, tmp_path):
     name = "shell/hello"
     head = shared_registry.head(f"/v2/{name}/manifests/latest", headers={"Accept": OCI_MANIFEST})
@@ -207,9 +229,14 @@ def test_oci_conformance_suite_pull(shared_registry, tmp_path):
                                    headers={"Accept": OCI_MANIFEST}).json()
     env = clients.conformance_env(shared_registry.url, name, "latest", head.headers["Docker-Content-Digest"],
                                   manifest["layers"][0]["digest"], tmp_path)
-    result = run(clients.conformance_test(), *clients.CONFORMANCE_FLAGS, env=env, cwd=tmp_path, check=False)
+    result = run(clients.conformance_test(), *clients.CONFORMANCE_FLAGS, f"-ginkgo.json-report={tmp_path / 'report.json'}",
+                 env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stdout[-6000:]
     assert "| 0 Failed |" in result.stdout and "0 Passed" not in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    passed = {spec["LeafNodeText"] for suite in report for spec in suite["SpecReports"] if spec["State"] == "passed"}
+    assert "GET request to nonexistent blob should result in empty 200 response" in passed  # referrers
+    assert "GET request to list tags should yield 200 response" in passed
 
 
 # -- one name, every platform: clients choose from the image index ------------------------------

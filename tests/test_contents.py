@@ -1,16 +1,22 @@
-"""What an image holds besides its packages: users, the non-root option, the default command.
+"""What an image holds besides its packages: users, non-root, the default command, labels, the SBOM.
 
 Real builds of the demo set, read over HTTP as a client reads them.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+
+import requests
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 from builder.manifest import OCI_MANIFEST
 
@@ -143,6 +149,114 @@ def test_two_instances_that_share_nothing_build_the_same_digests(start_registry,
     digests = []
     for n in range(2):
         registry = start_registry(state_dir=tmp_path / f"instance{n}")
-        digests.append([registry.head("/v2/nonroot/shell/hello/manifests/latest", headers=accept).headers[
-            "Docker-Content-Digest"] for accept in (OCI, {"Accept": "application/vnd.docker.distribution.manifest.v2+json"})])
+        seen = []
+        for accept in (OCI, {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}):
+            digest = registry.head("/v2/nonroot/shell/hello/manifests/latest", headers=accept).headers[
+                "Docker-Content-Digest"]
+            seen += [digest, registry.get(f"/v2/nonroot/shell/hello/referrers/{digest}").json()["manifests"]]
+        digests.append(seen)
     assert digests[0] == digests[1]
+    assert all(referrers for referrers in digests[0][1::2])
+
+
+# -- the SBOM and the referrers API ----------------------------------------------------------
+
+CYCLONEDX = "application/vnd.cyclonedx+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+
+
+def referrers_of(registry, name: str, digest: str, **params) -> requests.Response:
+    response = registry.get(f"/v2/{name}/referrers/{digest}", params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == INDEX
+    return response
+
+
+def sbom_of(registry, name: str, headers=OCI) -> tuple[str, dict, dict]:
+    """(image manifest digest, artifact manifest, SBOM document) of an image."""
+    digest = registry.head(f"/v2/{name}/manifests/latest", headers=headers).headers["Docker-Content-Digest"]
+    [descriptor] = referrers_of(registry, name, digest).json()["manifests"]
+    artifact = registry.get(f"/v2/{name}/manifests/{descriptor['digest']}", headers=OCI)
+    assert artifact.status_code == 200 and artifact.headers["Content-Type"] == OCI_MANIFEST
+    assert descriptor["size"] == len(artifact.content) and descriptor["artifactType"] == CYCLONEDX
+    [layer] = artifact.json()["layers"]
+    document = registry.get(f"/v2/{name}/blobs/{layer['digest']}")
+    assert hashlib.sha256(document.content).hexdigest() == layer["digest"].removeprefix("sha256:")
+    return digest, artifact.json(), document.json()
+
+
+def store_paths_in_layers(registry, name: str) -> set[str]:
+    manifest, _ = image(registry, name)
+    paths = set()
+    for layer in manifest["layers"][:-1]:  # the last one is the customisation layer
+        blob = registry.get(f"/v2/{name}/blobs/{layer['digest']}").content
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
+            paths |= {"/" + "/".join(m.name.split("/")[:3]) for m in tar if m.name.count("/") >= 2}
+    return paths
+
+
+def test_every_manifest_of_an_image_has_its_sbom_as_an_oci_artifact_referrer(shared_registry):
+    for headers, media_type in ((OCI, OCI_MANIFEST), (DOCKER, DOCKER["Accept"])):
+        digest, artifact, _ = sbom_of(shared_registry, "shell/hello", headers)
+        assert artifact["artifactType"] == CYCLONEDX
+        assert artifact["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
+        assert artifact["config"]["size"] == 2
+        assert shared_registry.get(f"/v2/shell/hello/blobs/{artifact['config']['digest']}").content == b"{}"
+        assert artifact["layers"][0]["mediaType"] == CYCLONEDX
+        size = len(shared_registry.get(f"/v2/shell/hello/manifests/{digest}", headers=headers).content)
+        assert artifact["subject"] == {"mediaType": media_type, "digest": digest, "size": size}
+
+
+def test_the_sbom_is_valid_cyclonedx_listing_the_exact_closure(shared_registry):
+    _, artifact, document = sbom_of(shared_registry, "shell/hello")
+    text = json.dumps(document)
+    errors = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
+    assert errors is None, errors
+    components = {c["bom-ref"]: c for c in document["components"]}
+    assert set(components) == store_paths_in_layers(shared_registry, "shell/hello")
+    for ref, component in components.items():
+        properties = {p["name"]: p["value"] for p in component["properties"]}
+        assert properties["nix:store_path"] == ref and int(properties["nix:nar_size"]) > 0
+        assert properties["nix:nar_hash"].startswith("sha256")
+        assert component["hashes"][0]["alg"] == "SHA-256" and len(component["hashes"][0]["content"]) == 64
+    hello = next(c for c in components.values() if c["name"] == "hello")
+    assert hello["version"] == "2.12.1" and hello["licenses"] == [{"license": {"id": "GPL-3.0-or-later"}}]
+    assert hello["description"] == "A program that produces a familiar, friendly greeting"
+    assert hello["externalReferences"] == [{"type": "website", "url": "https://www.gnu.org/software/hello/"}]
+    # Paths nobody asked for are named from their store path.
+    libgreeting = next(c for c in components.values() if c["name"] == "libgreeting")
+    assert libgreeting["version"] == "1.0" and "licenses" not in libgreeting
+    # Dependencies follow the store's references; the image depends on what was asked for.
+    depends = {d["ref"]: set(d.get("dependsOn", [])) for d in document["dependencies"]}
+    assert depends[hello["bom-ref"]] == {libgreeting["bom-ref"],
+                                         next(r for r in components if r.endswith("-busybox-1.35.0"))}
+    image_ref = document["metadata"]["component"]["bom-ref"]
+    assert hello["bom-ref"] in depends[image_ref] and len(depends[image_ref]) == 7  # shell (4), hello, always (2)
+    assert document["metadata"]["component"]["type"] == "container"
+    assert document["metadata"]["timestamp"].startswith("1970-01-01T00:00:01")
+
+
+def test_referrers_filter_by_artifact_type_and_answer_an_empty_index_for_unknown_digests(shared_registry):
+    digest = shared_registry.head("/v2/hello/manifests/latest", headers=OCI).headers["Docker-Content-Digest"]
+    matching = referrers_of(shared_registry, "hello", digest, artifactType=CYCLONEDX)
+    assert matching.headers["OCI-Filters-Applied"] == "artifactType"
+    assert len(matching.json()["manifests"]) == 1
+    other = referrers_of(shared_registry, "hello", digest, artifactType="application/spdx+json")
+    assert other.headers["OCI-Filters-Applied"] == "artifactType" and other.json()["manifests"] == []
+    assert "OCI-Filters-Applied" not in referrers_of(shared_registry, "hello", digest).headers
+    unknown = referrers_of(shared_registry, "hello", "sha256:" + "0" * 64)
+    assert unknown.json() == {"schemaVersion": 2, "mediaType": INDEX, "manifests": []}
+    bad = shared_registry.get("/v2/hello/referrers/sha256:xyz")
+    assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == "DIGEST_INVALID"
+
+
+def test_referrers_tag_schema_serves_the_same_index_and_404_when_none(shared_registry):
+    digest = shared_registry.head("/v2/hello/manifests/latest", headers=OCI).headers["Docker-Content-Digest"]
+    tag = digest.replace(":", "-")
+    by_tag = shared_registry.get(f"/v2/hello/manifests/{tag}", headers={"Accept": INDEX})
+    assert by_tag.status_code == 200 and by_tag.headers["Content-Type"] == INDEX
+    assert by_tag.headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(by_tag.content).hexdigest()
+    assert by_tag.json()["manifests"] == referrers_of(shared_registry, "hello", digest).json()["manifests"]
+    missing = shared_registry.get("/v2/hello/manifests/sha256-" + "0" * 64)
+    assert missing.status_code == 404 and missing.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"

@@ -53,7 +53,7 @@ class BuildLease:
 
 @dataclass(frozen=True)
 class Fact:
-    """One fact about a package source (JSON-serialisable `value`), live until `expires_at`."""
+    """One fact (a channel's commit, the referrers of a manifest; JSON-serialisable `value`), live until `expires_at`."""
 
     value: dict
     expires_at: float  # unix seconds; readers treat an expired fact as absent
