@@ -202,21 +202,26 @@ def test_crane_pull_and_digest(shared_registry, tmp_path):
 
 def test_oras_discovers_the_sbom_through_the_referrers_api_and_the_tag_schema_and_pulls_it(shared_registry, tmp_path):
     oras, image = clients.oras(), f"{shared_registry.host}/shell/hello:latest"
-    digest = shared_registry.head("/v2/shell/hello/manifests/latest").headers["Docker-Content-Digest"]
     found = {}
-    for spec in ("v1.1-referrers-api", "v1.1-referrers-tag"):
-        before = len(shared_registry.events("request"))
-        tree = json.loads(run(oras, "discover", "--plain-http", "--distribution-spec", spec, "--format", "json",
-                              "--artifact-type", "application/vnd.cyclonedx+json", image).stdout)
-        assert tree["digest"] == digest
-        [referrer] = tree["referrers"]
-        assert referrer["artifactType"] == "application/vnd.cyclonedx+json"
-        found[spec] = referrer["digest"]
-        paths = [e["path"] for e in shared_registry.events("request")[before:]]
-        asked = "/referrers/" if spec == "v1.1-referrers-api" else f"/manifests/{digest.replace(':', '-')}"
-        assert any(asked in path for path in paths), paths
-    assert found["v1.1-referrers-api"] == found["v1.1-referrers-tag"]
-    run(oras, "pull", "--plain-http", "-o", tmp_path / "out", f"{shared_registry.host}/shell/hello@{found['v1.1-referrers-api']}")
+    for platform, name in (("linux/amd64", "shell/hello"), ("linux/arm64", "arm64/shell/hello")):
+        # The platform's image manifest, as oras picks it from the index.
+        digest = shared_registry.head(f"/v2/{name}/manifests/latest", headers={"Accept": OCI_MANIFEST}).headers[
+            "Docker-Content-Digest"]
+        for spec in ("v1.1-referrers-api", "v1.1-referrers-tag"):
+            before = len(shared_registry.events("request"))
+            tree = json.loads(run(oras, "discover", "--plain-http", "--platform", platform, "--distribution-spec", spec,
+                                  "--format", "json", "--artifact-type", "application/vnd.cyclonedx+json", image).stdout)
+            assert tree["digest"] == digest
+            [referrer] = tree["referrers"]
+            assert referrer["artifactType"] == "application/vnd.cyclonedx+json"
+            found[platform, spec] = referrer["digest"]
+            paths = [e["path"] for e in shared_registry.events("request")[before:]]
+            asked = "/referrers/" if spec == "v1.1-referrers-api" else f"/manifests/{digest.replace(':', '-')}"
+            assert any(asked in path for path in paths), paths
+        assert found[platform, "v1.1-referrers-api"] == found[platform, "v1.1-referrers-tag"]
+    assert found["linux/amd64", "v1.1-referrers-api"] != found["linux/arm64", "v1.1-referrers-api"]
+    run(oras, "pull", "--plain-http", "-o", tmp_path / "out",
+        f"{shared_registry.host}/shell/hello@{found['linux/amd64', 'v1.1-referrers-api']}")
     document = json.loads((tmp_path / "out" / "sbom.cdx.json").read_text())
     assert document["bomFormat"] == "CycloneDX"
     assert any(c["name"] == "hello" and c["version"] == "2.12.1" for c in document["components"])
