@@ -1,9 +1,9 @@
 """Cold image index vs the slowest single-platform build: do platforms really build in parallel?
 
 Every measurement is a cold build from nothing: its own registry process (functions-framework,
-empty storage and cache) on its own copy of the demo package set with a unique salt in every
-builder, so Nix has built none of its derivations before (nothing shared with earlier
-measurements but the busybox source). Per round, in alternating order, three measurements:
+empty storage and cache) with its own empty Nix store (a chroot store, NIX_STORE_ROOT), so Nix
+builds every derivation of the image, and no other build on the machine holds its store's locks.
+Per round, in alternating order, three measurements:
 
 - amd64:  GET /v2/<image>/manifests/latest accepting single manifests only (the amd64 image)
 - arm64:  GET /v2/arm64/<image>/manifests/latest
@@ -17,6 +17,7 @@ Usage: .venv/bin/python bench/bench_platforms.py [--rounds 5] [--image shell/hel
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -30,24 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from builder.manifest import OCI_INDEX, OCI_MANIFEST  # noqa: E402
 from tests.registry_process import RegistryProcess  # noqa: E402
 
-DEMO = Path(__file__).resolve().parent.parent / "nix" / "demo"
-ANCHOR = 'export PATH="$TMPDIR/.bin"'
-
-
-def salted_demo(root: Path) -> Path:
-    """A copy of the demo set whose every derivation is new to the Nix store."""
-    copy = root / f"demo-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(DEMO, copy)
-    default = copy / "default.nix"
-    text = default.read_text()
-    assert ANCHOR in text, "the demo set's builder preamble changed"
-    default.write_text(text.replace(ANCHOR, f"{ANCHOR}; BENCH_SALT_{uuid.uuid4().hex}=1", 1))
-    return copy
-
-
 def cold_request(root: Path, path: str, accept: str) -> float:
     state = root / f"registry-{uuid.uuid4().hex[:8]}"
-    registry = RegistryProcess(state, {"NIXERY_PKGS_PATH": str(salted_demo(root)), "NIX_TIMEOUT": "600"}).start()
+    registry = RegistryProcess(state, {"NIX_STORE_ROOT": str(state / "nix"), "NIX_TIMEOUT": "600"}).start()
     try:
         started = time.perf_counter()
         response = registry.get(path, headers={"Accept": accept}, timeout=900)
@@ -59,6 +45,8 @@ def cold_request(root: Path, path: str, accept: str) -> float:
         return elapsed
     finally:
         registry.stop()
+        builds = [(b["image"], b["result"], b["duration"]) for b in registry.builds()]
+        print(f"    {path} ({accept.rsplit('.', 2)[-2]}): {elapsed:.2f} s, builds {json.dumps(builds)}", flush=True)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -83,6 +71,7 @@ def main() -> None:
         for i in range(args.rounds):
             order = list(kinds) if i % 2 == 0 else list(reversed(kinds))
             measured = {kind: cold_request(root, *kinds[kind]) for kind in order}
+            measured = {kind: measured[kind] for kind in kinds}
             for kind, seconds in measured.items():
                 times[kind].append(seconds)
             ratios.append(measured["index"] / max(measured["amd64"], measured["arm64"]))

@@ -441,10 +441,16 @@ def _realise(
         raise PackageFailed(
             missing, "not in the binary cache: " + ", ".join(missing) + " (this registry does not build packages)"
         )
+    if foreign := _FOREIGN_SYSTEM.search(result.stderr):
+        # Not in the binary cache for that system, and this host cannot build for it.
+        missing = _not_substitutable(resolved, installables, settings, deadline)
+        raise PackageFailed(missing, f"not in the binary cache for {foreign.group(1)}: " + ", ".join(missing)
+                            + f" (this registry cannot build for {foreign.group(1)})")
     raise NixError(message)
 
 
 _NO_LOCAL_BUILDS = re.compile(r"unable to start any build", re.IGNORECASE)
+_FOREIGN_SYSTEM = re.compile(r"a '([\w-]+)' with features \{[^}]*\} is required to build")
 
 
 def _not_substitutable(

@@ -16,6 +16,7 @@ import pytest
 from builder.config import Config
 from builder.errors import ServerError
 from builder.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from tests.demo_variants import slow_demo
 
 REPO = Path(__file__).resolve().parent.parent
 # What Docker sends when it HEADs a tag (containerd and the containers/image clients send the same set).
@@ -235,3 +236,15 @@ def test_names_differing_only_in_meta_packages_get_their_own_indexes(shared_regi
     assert nonroot["linux/amd64"]["digest"] == single.headers["Docker-Content-Digest"]
     assert nonroot["linux/amd64"]["digest"] != plain["linux/amd64"]["digest"]
     assert nonroot["linux/arm64"]["digest"] != plain["linux/arm64"]["digest"]
+
+
+def test_a_host_that_cannot_build_a_platform_leaves_it_out_with_a_4xx_reason(start_registry, tmp_path):
+    # Without extra-platforms, and nothing in a binary cache, aarch64-linux cannot be had here.
+    registry = start_registry({"NIX_EXTRA_PLATFORMS": "", "NIXERY_PKGS_PATH": str(slow_demo(tmp_path, 0))})
+    response = registry.get("/v2/hello/manifests/latest", headers=OCI_ONLY)
+    assert response.status_code == 200, response.text
+    assert list(by_platform(response.json())) == ["linux/amd64"]
+    reason = json.loads(response.headers[OMITTED])["linux/arm64"]
+    assert "hello" in reason and "cannot build for aarch64-linux" in reason
+    alone = registry.get("/v2/arm64/hello/manifests/latest")
+    assert alone.status_code == 404 and alone.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
