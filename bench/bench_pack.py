@@ -6,8 +6,22 @@
     .venv/bin/python bench/bench_pack.py --store-root / --paths $(nix-store -qR RESULT)
 
 Every measurement runs in a child process on a warm page cache; the child
-reports its own peak RSS (VmHWM). Targets: gzip >= 0.5x and uncompressed
->= 0.8x the tar|sha256sum floor, peak RSS < 150 MB.
+reports its own peak RSS (VmHWM). Rounds alternate between the modes and the
+figures are medians. Modes:
+
+- `tar|sha256sum`: the floor a user compares with;
+- `one layer` (gzip, zstd, none): the whole closure as one layer, compressed on
+  one thread per CPU (archive.pack_store_paths with threads=CPUs);
+- `layers, serial`: one layer per store path, packed one after another on one
+  compression thread each (PACK_WORKERS=1 on a one-CPU machine);
+- `layers, before` (with `--before REV`): the same layers packed one after another
+  by builder/archive.py as it was at git revision REV (compression inline, in
+  the reading thread: how the registry packed before parallel packing);
+- `layers, parallel`: the same layers through the build's own code
+  (ImageBuilder._store_layer under build.run_biggest_first, PACK_WORKERS=CPUs).
+
+Targets (issue 10): parallel >= 1.7x serial; gzip one layer >= 1.0x the floor;
+peak RSS <= 150 MB.
 """
 from __future__ import annotations
 
@@ -24,21 +38,70 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
-from builder import archive
+from builder import archive, build, layers
+from builder.cache import LayerRecord
+from builder.config import Config
 
 class Discard:
     # An upload that throws the bytes away: the benchmark measures packing, not storage.
     def write(self, data):
         return len(data)
+    def commit(self, digest, md5, size, media_type):
+        return True
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        pass
+
+class DiscardStorage:
+    def upload(self):
+        return Discard()
+    def put_layer_index(self, name, data):
+        pass
+    def read_layer_index(self, name):
+        return None
+    def stat(self, digest):
+        return None
+
+class NoCache:
+    def get_layer(self, key):
+        return None
+    def put_layer(self, record):
+        pass
+
+class Info:
+    def __init__(self, size):
+        self.nar_size, self.references = size, ()
 
 args = json.loads(sys.argv[1])
+mode, compression, paths, root = args["mode"], args["compression"], args["paths"], args["store_root"]
+cpus = len(os.sched_getaffinity(0))
 started = time.perf_counter()
-blob = archive.pack_store_paths(args["paths"], Discard(), args["compression"], args["store_root"])
+if mode == "one":
+    blob = archive.pack_store_paths(paths, Discard(), compression, root, threads=cpus)
+    size, digest = blob.size, blob.digest
+else:
+    infos = {{p: Info(args["sizes"][p]) for p in paths}}
+    plans = layers.plan_layers(infos, paths, 120)
+    if mode == "before":
+        sys.path.insert(0, args["before_dir"])
+        import archive_before
+        blobs = [archive_before.pack_store_paths(plan.paths, Discard(), compression, root) for plan in plans]
+        size, digest = sum(b.size for b in blobs), [b.digest for b in blobs]
+    elif mode == "serial":
+        blobs = [archive.pack_store_paths(plan.paths, Discard(), compression, root, threads=1) for plan in plans]
+        size, digest = sum(b.size for b in blobs), [b.digest for b in blobs]
+    else:
+        config = Config(compression=compression, pack_workers=cpus, nix_store=root)
+        builder = build.ImageBuilder(config, DiscardStorage(), NoCache(), log=lambda *a, **k: None)
+        builder.store_root = root
+        stored = build.run_biggest_first([(p.size, lambda p=p: builder._store_layer(p)) for p in plans], cpus)
+        size, digest = sum(layer.size for layer, _ in stored), [layer.digest for layer, _ in stored]
 seconds = time.perf_counter() - started
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({{"seconds": seconds, "size": blob.size, "vmhwm_kb": hwm, "digest": blob.digest}}))
+print(json.dumps({{"seconds": seconds, "size": size, "vmhwm_kb": hwm, "digest": digest}}))
 """
 
 
@@ -109,11 +172,19 @@ def baseline(store_root: str, paths: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def pack(store_root: str, paths: list[str], compression: str) -> dict:
-    arg = json.dumps({"paths": paths, "compression": compression, "store_root": store_root})
+def pack(store_root: str, paths: list[str], compression: str, mode: str, sizes: dict[str, int],
+         before_dir: str | None = None) -> dict:
+    arg = json.dumps({"paths": paths, "compression": compression, "store_root": store_root, "mode": mode,
+                      "sizes": sizes, "before_dir": before_dir})
     out = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT), arg], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def main() -> None:
@@ -121,10 +192,12 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--store-root", default=None)
     parser.add_argument("--paths", nargs="*", default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--demo", metavar="ATTR", help="pack the closure of a nix/demo attribute")
     parser.add_argument("--nix-store", default="/tmp/bench-pack-nix/store",
                         help="chroot store for --demo (files under STORE/nix/store)")
+    parser.add_argument("--compressions", default="gzip,zstd,none")
+    parser.add_argument("--before", metavar="REV", help="also pack serially with builder/archive.py at this git revision")
     args = parser.parse_args()
 
     tmp = None
@@ -136,34 +209,60 @@ def main() -> None:
         tmp = tempfile.mkdtemp(prefix="bench-pack-")
         store_root = tmp
         paths = generate_store(tmp, args.size_mb)
+    compressions = args.compressions.split(",")
+    before_dir = None
+    if args.before:
+        before_dir = tempfile.mkdtemp(prefix="bench-pack-before-")
+        source = subprocess.run(["git", "-C", ROOT, "show", f"{args.before}:builder/archive.py"], check=True,
+                                capture_output=True, text=True).stdout
+        with open(os.path.join(before_dir, "archive_before.py"), "w") as f:
+            f.write(source)
     try:
-        size = tree_bytes(store_root, paths)
-        print(f"{len(paths)} store paths, {size / 1e6:.0f} MB of file data")
+        sizes = {p: tree_bytes(store_root, [p]) for p in paths}
+        size = sum(sizes.values())
+        print(f"{len(paths)} store paths, {size / 1e6:.0f} MB of file data, {len(os.sched_getaffinity(0))} CPUs")
         baseline(store_root, paths)  # warm the page cache
-        results: dict[str, list[float]] = {"tar|sha256sum": [], "none": [], "gzip": []}
-        hwm = {"none": 0, "gzip": 0}
-        ratio = {}
+        modes = [("one", c) for c in compressions] + [("serial", "gzip"), ("parallel", "gzip")]
+        if before_dir:
+            modes.append(("before", "gzip"))
+        rates: dict[str, list[float]] = {"floor": []}
+        hwm: dict[str, int] = {}
+        out_size: dict[str, int] = {}
+        digests: dict[str, object] = {}
         for _ in range(args.rounds):
-            results["tar|sha256sum"].append(size / baseline(store_root, paths) / 1e6)
-            for compression in ("none", "gzip"):
-                r = pack(store_root, paths, compression)
-                results[compression].append(size / r["seconds"] / 1e6)
-                hwm[compression] = max(hwm[compression], r["vmhwm_kb"])
-                if compression == "gzip":
-                    ratio["gzip"] = r["size"] / size
-        best = {k: max(v) for k, v in results.items()}
-        floor = best["tar|sha256sum"]
-        print(f"tar -c | sha256sum : {floor:7.0f} MB/s (best of {args.rounds})")
-        for compression, target in (("none", 0.8), ("gzip", 0.5)):
-            rel = best[compression] / floor
-            print(f"pack {compression:<13}: {best[compression]:7.0f} MB/s = {rel:.2f}x floor "
-                  f"(target >= {target}x: {'ok' if rel >= target else 'MISSED'}), "
-                  f"peak RSS {hwm[compression] / 1024:.0f} MB (target < 150: "
-                  f"{'ok' if hwm[compression] < 150 * 1024 else 'MISSED'})")
-        print(f"gzip output is {ratio['gzip']:.2f} of the input size")
+            rates["floor"].append(size / baseline(store_root, paths) / 1e6)
+            for mode, compression in modes:
+                name = f"{mode} {compression}"
+                r = pack(store_root, paths, compression, mode, sizes, before_dir)
+                rates.setdefault(name, []).append(size / r["seconds"] / 1e6)
+                hwm[name] = max(hwm.get(name, 0), r["vmhwm_kb"])
+                out_size[name] = r["size"]
+                if digests.setdefault(name, r["digest"]) != r["digest"]:
+                    raise SystemExit(f"{name}: the digest changed between rounds")
+        if before_dir:
+            speedup = median([p / s for p, s in zip(rates["parallel gzip"], rates["before gzip"])])
+            print(f"parallel / before (median of per-round ratios): {speedup:.2f}x (target >= 1.7x)")
+        if digests["serial gzip"] != digests["parallel gzip"]:
+            raise SystemExit("parallel packing gave other digests than serial packing")
+        floor = median(rates["floor"])
+        print(f"medians of {args.rounds} alternating rounds")
+        print(f"tar -c | sha256sum     : {floor:7.0f} MB/s")
+        for name in rates:
+            if name == "floor":
+                continue
+            rate = median(rates[name])
+            print(f"{name:<22}: {rate:7.0f} MB/s = {rate / floor:.2f}x floor, output {out_size[name] / size:.3f} "
+                  f"of input, peak RSS {hwm[name] / 1024:.0f} MB")
+        speedup = median([p / s for p, s in zip(rates["parallel gzip"], rates["serial gzip"])])
+        print(f"parallel / serial (median of per-round ratios): {speedup:.2f}x")
+        if "one gzip" in rates:
+            ratio = median([g / f for g, f in zip(rates["one gzip"], rates["floor"])])
+            print(f"one layer gzip / floor (median of per-round ratios): {ratio:.2f}x (target >= 1.0x)")
+        print(f"peak RSS, all modes: {max(hwm.values()) / 1024:.0f} MB (target <= 150)")
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in (tmp, before_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

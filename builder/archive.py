@@ -1,9 +1,11 @@
 """Deterministic tar layers, written and hashed in one streaming pass.
 
-The same store paths always give the same bytes (sorted members, fixed mtime and owner, gzip
+The same store paths always give the same bytes (sorted members, fixed mtime and owner, compressed
 without a timestamp), since a layer's digest is its identity across builds and instances. The
 tar's sha256 (diff_id), and the written bytes' sha256, MD5 and size, are computed on the way to
-`out`, through bounded buffers: a layer is never held in memory. Why: docs/design.md, "Packing".
+`out`, through 1 MiB blocks: a layer is never held in memory. Compression runs on threads of its
+own (gzip in independent 1 MiB blocks as pigz does, zstd in its multi-threaded mode), so a big
+layer uses more than one core, and the bytes never depend on the number of threads. Why: docs/design.md, "Packing".
 """
 from __future__ import annotations
 
@@ -14,13 +16,24 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
-from isal import isal_zlib
+from isal import igzip_threaded
 
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
-_CHUNK = 1 << 20  # file read size and output batch size
+_CHUNK = 1 << 20  # the block every stage works in: file reads, gzip blocks, output batches
 _MTIME = 1  # not 0: some tools treat a zero mtime as "unset"
 _GZIP_LEVEL = 1  # isal's levels run 0-3; level 1 is several times faster than zlib's fastest
+_ZSTD_LEVEL = 3  # zstd's default: faster than gzip -1 here, and smaller (bench/RESULTS.md)
+
+COMPRESSIONS = ("gzip", "zstd", "none")
+COMPRESSION_BLOCK = _CHUNK  # the unit compression threads share out: more threads than blocks is waste
+# The byte format each compression produces, part of every layer key: bump it when the bytes change,
+# so a layer cached under the old format is never taken for the new one.
+FORMATS = {"gzip": "gzip-blocks-v1", "zstd": "zstd-mt-v1", "none": "none"}
+MEDIA_SUFFIX = {"gzip": "tar+gzip", "zstd": "tar+zstd", "none": "tar"}
+# What one packer holds at most, besides what `out` buffers: the tar block being filled, and per
+# compression thread a block queued in, one being compressed with its output buffer, one queued out.
+PACKER_BYTES = _CHUNK + 4 * _CHUNK
 
 
 @dataclass(frozen=True)
@@ -54,54 +67,92 @@ class _Sink:
         self.md5 = hashlib.md5()
         self.size = 0
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview) -> int:
         if not data:
-            return
+            return 0
         self.sha256.update(data)
         self.md5.update(data)
         self.size += len(data)
         self.out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass  # the compressor's writer calls it at the end; `out` needs no flush
+
+
+def _compressor(compression: str, sink: _Sink, threads: int):
+    """(writer to close at the end, its write function) compressing into `sink`; None for no compression."""
+    if compression == "gzip":
+        # The threaded writer's raw side is fed exact 1 MiB blocks, bypassing its buffer: the block
+        # boundaries, and so the bytes, depend on nothing but the tar.
+        writer = igzip_threaded.open(sink, "wb", compresslevel=_GZIP_LEVEL, threads=max(1, threads),
+                                     block_size=_CHUNK)
+        return writer, writer.raw.write
+    if compression == "zstd":
+        import zstandard  # only for images that ask for zstd
+
+        # threads >= 1 is zstd's multi-threaded mode: the same frames for any number of workers.
+        encoder = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=max(1, threads), write_content_size=False)
+        writer = encoder.stream_writer(sink, closefd=False, write_size=_CHUNK)
+        return writer, writer.write
+    if compression == "none":
+        return None
+    raise ValueError(f"unknown compression {compression!r}")
 
 
 class _TarStream:
     """Takes the uncompressed tar, hashes it (diff_id), compresses it into the sink.
 
-    Small writes (headers, padding) are batched so the compressor and the
-    upload see large chunks; large writes go straight through.
+    Everything goes through one 1 MiB block, filled by small writes (headers,
+    padding) and by file reads straight into it; each full block is hashed
+    and handed to the compressor, which keeps its own copy.
     """
 
-    def __init__(self, out: BinaryIO, compression: str):
-        if compression not in ("gzip", "none"):
-            raise ValueError(f"unknown compression {compression!r}")
+    def __init__(self, out: BinaryIO, compression: str, threads: int = 1):
         self.sink = _Sink(out)
-        self.gzip = compression == "gzip"
-        self.compressor = isal_zlib.compressobj(_GZIP_LEVEL, isal_zlib.DEFLATED, 31) if self.gzip else None
-        self.diff = hashlib.sha256() if self.gzip else None  # uncompressed: diff_id is the digest
-        self.pending = bytearray()
+        self.compression = compression
+        compressor = _compressor(compression, self.sink, threads)
+        self.compressor, self.compress = compressor or (None, None)
+        self.diff = hashlib.sha256() if self.compressor is not None else None  # uncompressed: diff_id = digest
+        self.block = bytearray(_CHUNK)
+        self.view = memoryview(self.block)
+        self.fill = 0
         self.offset = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self.offset += len(data)
-        if len(data) >= _CHUNK // 4:
-            self._flush_pending()
-            self._process(data)
-        else:
-            self.pending += data
-            if len(self.pending) >= _CHUNK:
-                self._flush_pending()
+        view = memoryview(data)
+        self.offset += len(view)
+        while view:
+            n = min(len(view), _CHUNK - self.fill)
+            self.view[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == _CHUNK:
+                self._emit()
 
-    def _flush_pending(self) -> None:
-        if self.pending:
-            self._process(self.pending)
-            self.pending = bytearray()
+    def copy_file(self, fd: int, size: int, disk: str) -> None:
+        """`size` bytes of an open file, read straight into the block."""
+        left = size
+        while left:
+            n = os.readv(fd, [self.view[self.fill:self.fill + min(left, _CHUNK - self.fill)]])
+            if n == 0:
+                raise OSError(f"{disk} shrank while being packed")
+            self.fill += n
+            self.offset += n
+            left -= n
+            if self.fill == _CHUNK:
+                self._emit()
 
-    def _process(self, data: bytes | bytearray | memoryview) -> None:
+    def _emit(self) -> None:
+        if not self.fill:
+            return
+        data = bytes(self.view[:self.fill])  # the one copy: the compressor and `out` may keep it
+        self.fill = 0
         if self.compressor is None:
-            # `out` may keep what it is given (a queued upload): never hand it the reused read buffer.
-            self.sink.write(bytes(data) if isinstance(data, memoryview) else data)
+            self.sink.write(data)
             return
         self.diff.update(data)  # type: ignore[union-attr]
-        self.sink.write(self.compressor.compress(data))
+        self.compress(data)  # type: ignore[misc]
 
     def header(self, info: tarfile.TarInfo) -> None:
         info.mtime = _MTIME
@@ -117,9 +168,10 @@ class _TarStream:
         # End of archive: two zero blocks, then zeros up to a whole record, as tar(1) writes it.
         end = self.offset + 2 * _BLOCK
         self.write(bytes(2 * _BLOCK + (-end) % _RECORD))
-        self._flush_pending()
+        self._emit()
         if self.compressor is not None:
-            self.sink.write(self.compressor.flush())
+            compressor, self.compressor = self.compressor, None
+            compressor.close()  # waits for the threads; raises what they (or `out`) raised
             diff_id = self.diff.hexdigest()  # type: ignore[union-attr]
         else:
             diff_id = self.sink.sha256.hexdigest()
@@ -128,8 +180,17 @@ class _TarStream:
             diff_id="sha256:" + diff_id,
             size=self.sink.size,
             md5=self.sink.md5.hexdigest(),
-            media_type_suffix="tar+gzip" if self.gzip else "tar",
+            media_type_suffix=MEDIA_SUFFIX[self.compression],
         )
+
+    def abort(self) -> None:
+        """Stop the compressor's threads after a failure (the output is thrown away)."""
+        if self.compressor is not None:
+            compressor, self.compressor = self.compressor, None
+            try:
+                compressor.close()
+            except Exception:
+                pass
 
 
 def _info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "", uid: int = 0,
@@ -156,35 +217,37 @@ def _walk(disk: str, name: str) -> Iterator[tuple[str, str, os.stat_result]]:
             yield from _walk(os.path.join(disk, child), f"{name}/{child}")
 
 
-def _copy_file(stream: _TarStream, disk: str, size: int, buffer: memoryview) -> None:
-    fd = os.open(disk, os.O_RDONLY)
-    try:
-        left = size
-        while left:
-            n = os.readv(fd, [buffer[: min(left, len(buffer))]])
-            if n == 0:
-                raise OSError(f"{disk} shrank while being packed")
-            stream.write(buffer[:n])
-            left -= n
-    finally:
-        os.close(fd)
-    stream.pad(size)
+def pack_store_paths(paths: Sequence[str], out: BinaryIO, compression: str, store_root: str = "/",
+                     threads: int = 1) -> PackedBlob:
+    """Tar the given store paths (logical /nix/store names) as nix/store/... members.
 
-
-def pack_store_paths(paths: Sequence[str], out: BinaryIO, compression: str, store_root: str = "/") -> PackedBlob:
-    """Tar the given store paths (logical /nix/store names) as nix/store/... members."""
-    stream = _TarStream(out, compression)
-    stream.header(_info("nix", tarfile.DIRTYPE, 0o755))
-    stream.header(_info("nix/store", tarfile.DIRTYPE, 0o755))
-    buffer = memoryview(bytearray(_CHUNK))
-    for path in sorted(set(paths)):
+    `threads` compression threads; the bytes are the same for any number.
+    """
+    for path in paths:
         if not path.startswith("/nix/store/") or "/" in path[len("/nix/store/"):]:
             raise ValueError(f"not a store path: {path!r}")
+    stream = _TarStream(out, compression, threads)
+    try:
+        return _pack_store_paths(stream, paths, store_root)
+    except BaseException:
+        stream.abort()
+        raise
+
+
+def _pack_store_paths(stream: _TarStream, paths: Sequence[str], store_root: str) -> PackedBlob:
+    stream.header(_info("nix", tarfile.DIRTYPE, 0o755))
+    stream.header(_info("nix/store", tarfile.DIRTYPE, 0o755))
+    for path in sorted(set(paths)):
         for disk, name, st in _walk(_disk_path(store_root, path), path.lstrip("/")):
             mode = stat.S_IMODE(st.st_mode)
             if stat.S_ISREG(st.st_mode):
                 stream.header(_info(name, tarfile.REGTYPE, mode, st.st_size))
-                _copy_file(stream, disk, st.st_size, buffer)
+                fd = os.open(disk, os.O_RDONLY)
+                try:
+                    stream.copy_file(fd, st.st_size, disk)
+                finally:
+                    os.close(fd)
+                stream.pad(st.st_size)
             elif stat.S_ISDIR(st.st_mode):
                 stream.header(_info(name, tarfile.DIRTYPE, mode))
             elif stat.S_ISLNK(st.st_mode):
@@ -194,7 +257,7 @@ def pack_store_paths(paths: Sequence[str], out: BinaryIO, compression: str, stor
     return stream.finish()
 
 
-def pack_entries(entries: Sequence[Entry], out: BinaryIO, compression: str) -> PackedBlob:
+def pack_entries(entries: Sequence[Entry], out: BinaryIO, compression: str, threads: int = 1) -> PackedBlob:
     """Tar synthetic entries, sorted by name; missing parent directories are added (0755)."""
     by_name: dict[str, Entry] = {}
     for entry in entries:
@@ -209,19 +272,23 @@ def pack_entries(entries: Sequence[Entry], out: BinaryIO, compression: str) -> P
         while parent and parent not in by_name:
             by_name[parent] = Entry(parent, "dir")
             parent = os.path.dirname(parent)
-    stream = _TarStream(out, compression)
-    for name in sorted(by_name):
-        entry = by_name[name]
-        owner = {"uid": entry.uid, "gid": entry.gid}
-        if entry.kind == "dir":
-            stream.header(_info(name, tarfile.DIRTYPE, entry.mode, **owner))
-        elif entry.kind == "symlink":
-            stream.header(_info(name, tarfile.SYMTYPE, entry.mode, target=entry.target, **owner))
-        else:
-            stream.header(_info(name, tarfile.REGTYPE, entry.mode, len(entry.data), **owner))
-            stream.write(entry.data)
-            stream.pad(len(entry.data))
-    return stream.finish()
+    stream = _TarStream(out, compression, threads)
+    try:
+        for name in sorted(by_name):
+            entry = by_name[name]
+            owner = {"uid": entry.uid, "gid": entry.gid}
+            if entry.kind == "dir":
+                stream.header(_info(name, tarfile.DIRTYPE, entry.mode, **owner))
+            elif entry.kind == "symlink":
+                stream.header(_info(name, tarfile.SYMTYPE, entry.mode, target=entry.target, **owner))
+            else:
+                stream.header(_info(name, tarfile.REGTYPE, entry.mode, len(entry.data), **owner))
+                stream.write(entry.data)
+                stream.pad(len(entry.data))
+        return stream.finish()
+    except BaseException:
+        stream.abort()
+        raise
 
 
 def customisation_entries(package_paths: Sequence[str], store_root: str = "/",

@@ -7,6 +7,7 @@ instances share a lease. A failing cache is served by building (logged as degrad
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -15,9 +16,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from . import (archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, referrers,
                resolution, sbom, sources)
@@ -49,6 +50,30 @@ def nix_settings(config: Config, bin_dir: str | None, running: nix.RunningProces
         store_lock=os.path.join(config.work_dir, "store.lock"),
         running=running,
     )
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def run_biggest_first(jobs: list[tuple[int, Callable[[], Any]]], workers: int) -> list[Any]:
+    """Run (size, job) pairs on up to `workers` threads, biggest first; results in the jobs' order.
+
+    After a failure no further job starts, and the first failure is raised once the running ones end.
+    """
+    workers = min(len(jobs), workers)
+    if workers <= 1:
+        return [job() for _, job in jobs]
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="pack")
+    try:
+        futures = {i: pool.submit(jobs[i][1]) for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0])}
+        return [futures[i].result() for i in range(len(jobs))]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _registry_error(error: nix.NixError) -> errors.RegistryError:
@@ -346,8 +371,7 @@ class ImageBuilder:
                 trees[path] = resolution.tree_of(self._on_disk(path), max_bytes=None)
             customisation_root = resolution.make_skeleton(os.path.join(work_dir, "skeleton"), trees)
         before = time.monotonic()
-        stored = [self._store_layer(plan) for plan in plans]
-        stored.append(self._customisation_layer(request, closure, customisation_root))
+        stored = self._store_layers(plans, request, closure, customisation_root)
         image_layers = [layer for layer, _ in stored]
         packed = sum(1 for _, was_packed in stored if was_packed)
         record = self._store_image(request, source, key, image_layers, closure, customisation_root)
@@ -397,43 +421,73 @@ class ImageBuilder:
             self.log("nix-gc", f"garbage collection failed: {e}", severity="WARNING", error=str(e))
 
     def _layer_key(self, plan: layers.LayerPlan) -> str:
-        return f"{plan.key}:{self.config.compression}"
+        return f"{plan.key}:{archive.FORMATS[self.config.compression]}"
+
+    def _store_layers(self, plans: list[layers.LayerPlan], request: names.ImageRequest, closure: nix.Closure,
+                      customisation_root: str | None = None) -> list[tuple[manifest.Layer, bool]]:
+        """Every layer of the image, stored: packed and uploaded concurrently, in plan order.
+
+        Up to `pack_workers` layers at once (one per CPU by default; each packer
+        holds archive.PACKER_BYTES per compression thread plus what the upload
+        buffers), the biggest first so the longest job does not start last. A
+        layer bigger than one compression block also spreads its compression over
+        the CPUs. Neither changes a byte: the digests are the same at any parallelism.
+        """
+        jobs: list[tuple[int, Callable[[], tuple[manifest.Layer, bool]]]] = [
+            (plan.size, functools.partial(self._store_layer, plan)) for plan in plans
+        ]
+        jobs.append((0, functools.partial(self._customisation_layer, request, closure, customisation_root)))
+        return run_biggest_first(jobs, self.config.pack_workers or _cpus())
 
     def _store_layer(self, plan: layers.LayerPlan) -> tuple[manifest.Layer, bool]:
+        compression = self.config.compression
+        threads = min(_cpus(), 1 + plan.size // archive.COMPRESSION_BLOCK)
         return self._reuse_or_pack(self._layer_key(plan), lambda out: archive.pack_store_paths(
-            plan.paths, out, self.config.compression, self.store_root))
+            plan.paths, out, compression, self.store_root, threads=threads))
 
     def _customisation_layer(self, request: names.ImageRequest, closure: nix.Closure,
                              store_root: str | None = None) -> tuple[manifest.Layer, bool]:
         """`store_root`: where the roots' trees are read (a skeleton of recorded trees), else the store."""
         roots = [closure.roots[name] for name in sorted(closure.roots)]
         users = "nonroot" if request.nonroot else "root"
-        layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, users, *roots])) + ":" + self.config.compression
+        compression = self.config.compression
+        layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, users, *roots])) + ":" + archive.FORMATS[compression]
         entries = archive.customisation_entries(roots, store_root or self.store_root,
                                                 contents.user_entries(request.nonroot))
-        return self._reuse_or_pack(layer_key, lambda out: archive.pack_entries(entries, out, self.config.compression))
+        return self._reuse_or_pack(layer_key, lambda out: archive.pack_entries(entries, out, compression))
 
     def _reuse_or_pack(self, layer_key: str, pack: Callable) -> tuple[manifest.Layer, bool]:
         """A layer seen before is neither packed nor stored again, as long as its blob is still there.
 
-        Returns the layer and whether it was packed now.
+        Returns the layer and whether it was packed now. A packed layer is recorded in
+        storage's layer index first (the record that outlives any cache), then in the cache.
         """
-        seen = self._stored_layer(layer_key)
-        if seen is not None:
-            return seen, False
+        found = self._stored_layer(layer_key)
+        if found is not None:
+            return manifest.Layer(found.digest, found.diff_id, found.size, self._layer_format()), False
         with self.storage.upload() as upload:
             packed = pack(upload)
             upload.commit(packed.digest, packed.md5, packed.size, "application/octet-stream")
         record = LayerRecord(layer_key, packed.digest, packed.diff_id, packed.size, packed.md5)
+        self.storage.put_layer_index(names.key_hash(layer_key), record.to_json())
         self._cache_call("layer write", self.cache.put_layer, record)
         return manifest.Layer(packed.digest, packed.diff_id, packed.size, self._layer_format()), True
 
-    def _stored_layer(self, layer_key: str) -> manifest.Layer | None:
-        """The layer under `layer_key` if its record and its blob are both there."""
-        seen = self._cache_call("layer read", self.cache.get_layer, layer_key)
-        if seen is not None and self.reusable(seen):
-            return manifest.Layer(seen.digest, seen.diff_id, seen.size, self._layer_format())
-        return None
+    def _stored_layer(self, layer_key: str) -> LayerRecord | None:
+        """What `layer_key` produced before, if it passes `reusable`: the cache first, then storage's index.
+
+        A record found only in the index goes back into the cache, so the next build takes the fast path.
+        """
+        cached = self._cache_call("layer read", self.cache.get_layer, layer_key)
+        if cached is not None and self.reusable(cached):
+            return cached
+        # Unlike the cache, a failing index means failing storage: the build could not store the layer either.
+        data = self.storage.read_layer_index(names.key_hash(layer_key))
+        indexed = LayerRecord.from_json(data) if data is not None else None
+        if indexed is None or indexed.key != layer_key or indexed == cached or not self.reusable(indexed):
+            return None
+        self._cache_call("layer write", self.cache.put_layer, indexed)
+        return indexed
 
     def reusable(self, layer: LayerRecord) -> bool:
         """The one check a recorded layer passes before an image names it again: its stored blob is
@@ -460,7 +514,7 @@ class ImageBuilder:
         return keys
 
     def _layer_format(self) -> str:
-        return "tar+gzip" if self.config.compression == "gzip" else "tar"
+        return archive.MEDIA_SUFFIX[self.config.compression]
 
     def _store_image(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
                      image_layers: list[manifest.Layer], closure: nix.Closure,

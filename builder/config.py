@@ -77,6 +77,7 @@ class Config:
     max_packages: int = setting("MAX_PACKAGES", 64, _int)
     max_name_length: int = setting("MAX_NAME_LENGTH", 1024, _int)
     compression: str = setting("LAYER_COMPRESSION", "gzip")  # gzip | none
+    pack_workers: int = setting("PACK_WORKERS", 0, _int)  # layers packed at once; 0: one per CPU
     manifest_ttl: int = setting("MANIFEST_TTL", 6 * 3600, _int)  # for sources without a commit
     pinned_manifest_ttl: int = setting("PINNED_MANIFEST_TTL", 30 * 24 * 3600, _int)  # for commits
     failure_ttl: int = setting("FAILURE_TTL", 60, _int)
@@ -162,6 +163,8 @@ class Config:
             raise ServerError("configuration: NIXPKGS_ARCHIVE_URL must hold {rev}, where the commit goes")
         if self.compression not in ("gzip", "none"):
             raise ServerError("configuration: LAYER_COMPRESSION must be gzip or none")
+        if self.pack_workers < 0:
+            raise ServerError("configuration: PACK_WORKERS must be 0 (one per CPU) or more")
         if not 1 <= self.max_layers <= 120:
             raise ServerError("configuration: MAX_LAYERS must be between 1 and 120 (clients reject more than 125)")
         if self.build_lease_seconds < 3:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 
 import pytest
 
@@ -67,7 +68,15 @@ def gnu_tar_list(data: bytes, tmp_path, gzipped: bool) -> list[str]:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout.splitlines()
 
 
-@pytest.mark.parametrize("compression", ["gzip", "none"])
+def uncompress(data: bytes, compression: str) -> bytes:
+    """Through the reference command-line tools, not the libraries that wrote it."""
+    if compression == "none":
+        return data
+    tool = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dc"]}[compression]
+    return subprocess.run(tool, input=data, check=True, capture_output=True).stdout
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 @pytest.mark.fast
 def test_store_paths_deterministic_and_digests_match(fake_store, compression):
     root, paths = fake_store
@@ -79,10 +88,40 @@ def test_store_paths_deterministic_and_digests_match(fake_store, compression):
     assert blob.size == len(data)
     assert blob.digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert blob.md5 == hashlib.md5(data).hexdigest()
-    tar_bytes = gzip.decompress(data) if compression == "gzip" else data
+    tar_bytes = uncompress(data, compression)
     assert blob.diff_id == "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
-    assert blob.media_type_suffix == ("tar+gzip" if compression == "gzip" else "tar")
+    assert blob.media_type_suffix == {"gzip": "tar+gzip", "zstd": "tar+zstd", "none": "tar"}[compression]
     assert len(tar_bytes) % tarfile.RECORDSIZE == 0
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+@pytest.mark.fast
+def test_compressed_bytes_do_not_depend_on_the_number_of_threads(fake_store, compression):
+    root, paths = fake_store  # several 1 MiB blocks
+    plain = WriteOnly()
+    reference = archive.pack_store_paths(paths, plain, "none", str(root))
+    packed = {}
+    for threads in (1, 2, 5):
+        out = WriteOnly()
+        packed[threads] = archive.pack_store_paths(paths, out, compression, str(root), threads=threads)
+        assert uncompress(out.getvalue(), compression) == plain.getvalue()
+    assert packed[1] == packed[2] == packed[5]
+    assert packed[1].diff_id == reference.digest
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+@pytest.mark.fast
+def test_a_failing_upload_fails_the_pack_and_stops_its_threads(fake_store, compression):
+    root, paths = fake_store
+
+    class Broken:
+        def write(self, data):
+            raise OSError("upload went away")
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="upload went away"):
+        archive.pack_store_paths(paths, Broken(), compression, str(root), threads=3)
+    assert threading.active_count() == before
 
 
 @pytest.mark.fast
@@ -190,7 +229,7 @@ def test_rejects_non_store_paths(fake_store):
     with pytest.raises(ValueError):
         archive.pack_store_paths(["/etc/passwd"], WriteOnly(), "none", str(root))
     with pytest.raises(ValueError):
-        archive.pack_store_paths(["/nix/store/aaaa-hello"], WriteOnly(), "zstd", str(root))
+        archive.pack_store_paths(["/nix/store/aaaa-hello"], WriteOnly(), "brotli", str(root))
 
 
 @pytest.fixture

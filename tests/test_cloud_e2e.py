@@ -60,8 +60,8 @@ def test_manifests_by_digest_are_served_by_any_instance(start_registry, gcs_regi
 
 
 def test_layers_already_in_the_bucket_are_not_uploaded_again(start_registry, gcs_registry_env, gcs_bucket):
-    # Two instances with caches of their own share the bucket: the second packs the shared
-    # layers again (its layer cache is empty) but the MD5 check skips their upload.
+    # Two instances with caches of their own share the bucket: the second finds the shared
+    # layers through the bucket's layer index (its own cache is empty) and uploads none again.
     env = {**gcs_registry_env, "NIXERY_CACHE_BACKEND": "sqlite"}
     a = start_registry(env).get("/v2/hello/manifests/latest", headers=OCI).json()
     before = generations(gcs_bucket)
@@ -81,7 +81,8 @@ def test_an_object_with_wrong_bytes_is_replaced(start_registry, gcs_registry_env
     layer = manifest["layers"][-1]
     blob = gcs_bucket.blob(f"blobs/sha256/{layer['digest'].split(':')[1]}")
     blob.upload_from_string(b"corrupt")
-    # A fresh instance (empty layer cache) rebuilds and finds the MD5 differs.
+    # A fresh instance (empty layer cache) finds the layer in the bucket's index, sees the object's
+    # size and MD5 differ from the record, and packs and uploads the layer again.
     fresh = start_registry(env)
     assert fresh.get("/v2/tools/manifests/latest", headers=OCI).json() == manifest
     replaced = gcs_bucket.get_blob(blob.name)

@@ -7,7 +7,8 @@ commit a channel is at, ...) carry a kind, a key and an expiry, and readers igno
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 
@@ -39,6 +40,21 @@ class LayerRecord:
     diff_id: str
     size: int
     md5: str  # hex
+
+    def to_json(self) -> bytes:
+        """The record as storage's layer index keeps it."""
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "LayerRecord | None":
+        """A record read back from the layer index; None when the bytes are not one."""
+        try:
+            fields = json.loads(data)
+            record = cls(**{name: fields[name] for name in ("key", "digest", "diff_id", "size", "md5")})
+        except (ValueError, TypeError, KeyError):
+            return None
+        valid = all(isinstance(getattr(record, n), str) for n in ("key", "digest", "diff_id", "md5"))
+        return record if valid and isinstance(record.size, int) else None
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,26 @@ Every blob lives under its sha256 digest; `open_storage` (in `builder/config.py`
 backend. Bytes stream into an `Upload` while the caller computes the digest; `commit` publishes
 them under their final name atomically, or skips the write when an object with the same MD5 is
 already there (so a layer two images share is stored once).
+
+Besides blobs, storage keeps a layer index: one small object per layer key (named by the key's
+SHA-256) saying which blob that key produced, as Nixery's `builds/` objects did. The cache stays
+the fast path; the index lets a new or emptied cache find every stored layer without packing it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol, Union
+
+
+_INDEX_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def check_index_name(name: str) -> str:
+    """A layer index object's name: the hex SHA-256 of its layer key, nothing a path could escape with."""
+    if not _INDEX_NAME.fullmatch(name):
+        raise ValueError(f"not a layer index name: {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,14 @@ class Storage(Protocol):
 
     def locate(self, digest: str) -> BlobLocation | None:
         """Where a client gets the blob's bytes, or None when it is not stored (or damaged)."""
+        ...
+
+    def put_layer_index(self, name: str, data: bytes) -> None:
+        """Record what a layer key produced (`name`: 64 hex); replaces an older record."""
+        ...
+
+    def read_layer_index(self, name: str) -> bytes | None:
+        """The record `put_layer_index` stored under `name`, or None."""
         ...
 
     def check(self) -> None:

@@ -1,6 +1,7 @@
 """Blobs in a local folder: the embedded default, needing no server.
 
-Layout: `<root>/blobs/sha256/<hex>`; uploads go to `<root>/tmp/` and are renamed into place.
+Layout: `<root>/blobs/sha256/<hex>`, the layer index in `<root>/layers/<hex>`; uploads go to
+`<root>/tmp/` and are renamed into place.
 A file is hashed against its digest before this process first serves or reuses it (remembered
 while unchanged); a damaged one is removed. Leftovers, full disk: docs/design.md, "Self-healing".
 """
@@ -18,7 +19,7 @@ from typing import Iterator
 
 from ..errors import ServerError, StorageFull
 from ..logs import event
-from . import BlobStat, LocalFile
+from . import BlobStat, LocalFile, check_index_name
 
 _CHUNK = 1 << 20
 _UPLOAD_PREFIX = "upload-"
@@ -108,11 +109,13 @@ class FilesystemStorage:
         self._blobs = self.root / "blobs" / "sha256"
         self._verified: dict[str, tuple[int, ...]] = {}
         self._verified_lock = threading.Lock()
+        self._index = self.root / "layers"
 
     def check(self) -> None:
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             self._blobs.mkdir(parents=True, exist_ok=True)
+            self._index.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ServerError(f"storage folder {self.root} is not writable: {e.strerror}") from None
         if not os.access(self._blobs, os.W_OK) or not os.access(self.tmp_dir, os.W_OK):
@@ -231,6 +234,21 @@ class FilesystemStorage:
         except FileNotFoundError:
             return None
         return data if "sha256:" + hashlib.sha256(data).hexdigest() == digest else None
+
+    def put_layer_index(self, name: str, data: bytes) -> None:
+        path = self._index / check_index_name(name)
+        self._index.mkdir(parents=True, exist_ok=True)
+        with _disk_errors("writing the layer index"):
+            fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="index-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # readers see the old record or the new, never half of one
+
+    def read_layer_index(self, name: str) -> bytes | None:
+        try:
+            return (self._index / check_index_name(name)).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def stat(self, digest: str) -> BlobStat | None:
         st = self._intact(digest)

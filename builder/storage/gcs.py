@@ -1,7 +1,7 @@
 """Blobs in a Google Cloud Storage bucket, served to clients through signed URLs.
 
-Every blob is `blobs/sha256/<hex>`. A blob of one chunk goes up in one request; a bigger one
-streams to `uploads/<random>` and is copied to its final key once complete and checked (size,
+Every blob is `blobs/sha256/<hex>`; the layer index is `layers/<hex>`. A blob of one chunk goes up
+in one request; a bigger one streams to `uploads/<random>` and is copied to its final key once complete and checked (size,
 MD5). Nothing incomplete is ever visible under a final key, and two instances racing on a blob
 leave one object. Why it streams, and how URLs are signed: docs/design.md, "Google Cloud Storage".
 """
@@ -30,13 +30,14 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from ..errors import ServerError
-from . import BlobStat, Redirect
+from . import BlobStat, Redirect, check_index_name
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 IAM_CREDENTIALS_ENDPOINT = "https://iamcredentials.googleapis.com"
 CHUNK_SIZE = 16 << 20  # a multiple of 256 KiB, as resumable uploads demand
 BLOB_PREFIX = "blobs/sha256/"
 UPLOAD_PREFIX = "uploads/"
+INDEX_PREFIX = "layers/"
 # What the registry does with the bucket; check() names the ones it lacks.
 REQUIRED_PERMISSIONS = (
     "storage.objects.get",
@@ -397,7 +398,23 @@ class GcsStorage:
                 current = self._probe(digest)
         raise ServerError(f"GCS bucket {self.bucket.name}: {digest} keeps changing under concurrent writers")
 
+    def put_layer_index(self, name: str, data: bytes) -> None:
+        blob = self.bucket.blob(INDEX_PREFIX + check_index_name(name))
+        with self.errors(f"writing layer index {name}"):
+            # One small request; two instances writing one name write the same record.
+            blob.upload_from_string(data, content_type="application/json", checksum="md5",
+                                    retry=self.retry, timeout=self.timeout)
+
     # -- reading --------------------------------------------------------------------
+
+    def read_layer_index(self, name: str) -> bytes | None:
+        try:
+            with self.errors(f"reading layer index {name}"):
+                return self.bucket.blob(INDEX_PREFIX + check_index_name(name)).download_as_bytes(
+                    retry=self.retry, timeout=self.timeout
+                )
+        except gexc.NotFound:
+            return None
 
     def read_bytes(self, digest: str) -> bytes | None:
         try:
