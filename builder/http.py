@@ -326,7 +326,9 @@ package; the image holds exactly those packages.</p>
 podman pull {html.escape(host)}/shell/hello</pre>
 <p><code>shell</code> adds bash, coreutils, moreutils and nano. Clients that accept an image index get one
 listing an image per platform ({html.escape(", ".join(self.config.platforms) or "none configured")}) and pick
-their own; a leading <code>arm64</code> asks for the aarch64-linux image alone.
+their own; a leading <code>arm64</code> asks for the aarch64-linux image alone, and a leading
+<code>nonroot</code> runs the image as user 65532 instead of root. Every image manifest has its SBOM
+(CycloneDX) as a referrer: <code>oras discover {html.escape(host)}/shell/hello</code>.
 Tags: <code>latest</code>, or a commit of the package source where it has commits.</p>
 <h2>Recent build errors on this instance</h2>
 <ul>{failures}</ul>

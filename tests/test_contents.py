@@ -260,3 +260,31 @@ def test_referrers_tag_schema_serves_the_same_index_and_404_when_none(shared_reg
     assert by_tag.json()["manifests"] == referrers_of(shared_registry, "hello", digest).json()["manifests"]
     missing = shared_registry.get("/v2/hello/manifests/sha256-" + "0" * 64)
     assert missing.status_code == 404 and missing.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+ODD_META = '''
+{ system ? builtins.currentSystem, ... }:
+let demo = import DEMO { inherit system; }; in {
+  oddMeta = demo.hello // {
+    version = throw "no version";
+    meta = { license = "unfree-ish"; homepage = [ "https://a.example" "https://b.example" ];
+             mainProgram = 42; description = throw "no description"; };
+  };
+  throwingMeta = demo.goodbye // { meta = throw "meta throws"; };
+}
+'''
+
+
+def test_odd_or_throwing_meta_never_fails_a_build(tmp_path):
+    from builder import nix, sources
+
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "default.nix").write_text(ODD_META.replace("DEMO", str(DEMO)))
+    source = sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(tmp_path / "pkgs"))
+    closure = nix.realise(["oddMeta", "throwingMeta"], source, "x86_64-linux", nix.NixSettings(timeout=300),
+                          str(tmp_path / "work"))
+    assert closure.info["oddMeta"] == {"pname": "hello", "version": None, "mainProgram": None, "description": None,
+                                       "homepage": "https://a.example",
+                                       "licenses": [{"spdxId": None, "name": "unfree-ish"}]}
+    assert closure.info["throwingMeta"] == {"pname": "goodbye", "version": "1.0", "mainProgram": None,
+                                            "description": None, "homepage": None, "licenses": []}
