@@ -20,8 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import (archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix, referrers,
-               resolution, sbom, sources)
+from . import (admission, archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix,
+               referrers, resolution, sbom, sources)
 from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
@@ -101,6 +101,7 @@ class ImageBuilder:
         self.recent_errors: deque[BuildError] = deque(maxlen=20)
         self._in_flight: dict[str, Future] = {}
         self._in_flight_lock = threading.Lock()
+        self.admission = admission.BuildAdmission(config.builds_per_client_per_hour)
         # Set when the instance is told to stop: builds end, waits end, leases go back.
         self.stopping = threading.Event()
         self.running = nix.RunningProcesses()
@@ -130,6 +131,11 @@ class ImageBuilder:
 
     def resolve_source(self, tag: str) -> sources.PackageSource:
         """The package source `tag` names, moving references resolved through the shared cache."""
+        if sources.COMMIT.match(tag) and not self.config.commit_tag_allowed(tag):
+            # Each commit is a package set of its own to download and evaluate: a cost guard.
+            raise errors.Denied(
+                f"tag {tag} names a commit, and this registry does not build from that commit "
+                "(COMMIT_TAGS); pull 'latest' or a tag the registry serves")
         return sources.resolve(
             tag, channel=self.config.channel, pkgs_repo=self.config.pkgs_repo, pkgs_path=self.config.pkgs_path,
             remember=self._remember_revision, channels_url=self.config.nixpkgs_channels_url,
@@ -156,6 +162,8 @@ class ImageBuilder:
             future = self._in_flight.get(key)
             leader = future is None
             if leader:
+                # A build starts here: counted against the requesting client (429 when over its share).
+                self.admission.admit(admission.CLIENT.get())
                 future = self._in_flight[key] = Future()
         if not leader:
             return future.result()
@@ -468,7 +476,9 @@ class ImageBuilder:
         with self.storage.upload() as upload:
             packed = pack(upload)
             upload.commit(packed.digest, packed.md5, packed.size, "application/octet-stream")
-        record = LayerRecord(layer_key, packed.digest, packed.diff_id, packed.size, packed.md5)
+        ttl = self.config.layer_record_ttl
+        record = LayerRecord(layer_key, packed.digest, packed.diff_id, packed.size, packed.md5,
+                             expires_at=time.time() + ttl if ttl else 0.0)
         self.storage.put_layer_index(names.key_hash(layer_key), record.to_json())
         self._cache_call("layer write", self.cache.put_layer, record)
         return manifest.Layer(packed.digest, packed.diff_id, packed.size, self._layer_format()), True

@@ -7,6 +7,7 @@ names follow Nixery's where Nixery had one, so its users switch without surprise
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -81,6 +82,12 @@ class Config:
     manifest_ttl: int = setting("MANIFEST_TTL", 6 * 3600, _int)  # for sources without a commit
     pinned_manifest_ttl: int = setting("PINNED_MANIFEST_TTL", 30 * 24 * 3600, _int)  # for commits
     failure_ttl: int = setting("FAILURE_TTL", 60, _int)
+    # Cost guards. Layers leave storage this many days after they were written (terraform's bucket
+    # lifecycle rule); their records lapse a day earlier, and the layer is packed again. 0: never.
+    layer_expiry_days: int = setting("LAYER_EXPIRY_DAYS", 30, _int)
+    # A 40-hex tag builds from that commit: "any", "none", or the commits allowed.
+    commit_tags: tuple[str, ...] = setting("COMMIT_TAGS", ("any",), _words)
+    builds_per_client_per_hour: int = setting("BUILDS_PER_CLIENT_PER_HOUR", 0, _int)  # per instance; 0 = unbounded
     # A build lease lives this long unless its holder renews it (every third of it) while the build runs.
     build_lease_seconds: int = setting("BUILD_LEASE_SECONDS", 30, _int)
     build_concurrency: int = setting("BUILD_CONCURRENCY", 0, _int)  # builds at once per instance; 0 = by memory
@@ -158,7 +165,21 @@ class Config:
         """How long a request waits for a build: the Nix timeout, packing and storing, a lease lapse."""
         return self.nix_timeout + 120 + 2 * self.build_lease_seconds
 
+    @property
+    def layer_record_ttl(self) -> int | None:
+        """Seconds a layer record lives, a day less than its object; None: for ever."""
+        return (self.layer_expiry_days - 1) * 86400 if self.layer_expiry_days else None
+
+    def commit_tag_allowed(self, commit: str) -> bool:
+        return "any" in self.commit_tags or commit in self.commit_tags
+
     def validate(self) -> None:
+        words = set(self.commit_tags)
+        if not words or (words & {"any", "none"} and len(words) > 1) or not all(
+                w in ("any", "none") or re.fullmatch(r"[0-9a-f]{40}", w) for w in words):
+            raise ServerError("configuration: COMMIT_TAGS must be any, none, or a list of 40-hex commits")
+        if self.layer_expiry_days not in (0,) and self.layer_expiry_days < 2:
+            raise ServerError("configuration: LAYER_EXPIRY_DAYS must be 0 (never) or at least 2 days")
         if "{rev}" not in self.nixpkgs_archive_url:
             raise ServerError("configuration: NIXPKGS_ARCHIVE_URL must hold {rev}, where the commit goes")
         if self.compression not in ("gzip", "none"):

@@ -14,6 +14,7 @@ class RegistryError(Exception):
     status: int = 500
     code: str = "UNKNOWN"
     default_message: str = "unknown error"
+    headers: dict[str, str] = {}  # extra response headers (Retry-After)
 
     def __init__(self, message: str | None = None, detail: Any = None):
         self.message = message or self.default_message
@@ -76,6 +77,18 @@ class Unavailable(RegistryError):
     status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
 
 
+class Denied(RegistryError):
+    status, code, default_message = 403, "DENIED", "requested access to the resource is denied"
+
+
+class TooManyRequests(RegistryError):
+    status, code, default_message = 429, "TOOMANYREQUESTS", "too many requests"
+
+    def __init__(self, message: str | None = None, detail: Any = None, retry_after: int = 60):
+        super().__init__(message, detail)
+        self.headers = {"Retry-After": str(max(1, int(retry_after)))}
+
+
 class PaginationNumberInvalid(RegistryError):
     status, code, default_message = 400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested"
 
@@ -90,5 +103,5 @@ class StorageFull(ServerError):
 BY_CODE: dict[str, type[RegistryError]] = {
     cls.code: cls
     for cls in (NameInvalid, NameUnknown, ManifestUnknown, BlobUnknown, DigestInvalid, RangeInvalid, Unsupported,
-                ServerError, Unavailable, PaginationNumberInvalid)
+                ServerError, Unavailable, PaginationNumberInvalid, Denied, TooManyRequests)
 }

@@ -20,7 +20,7 @@ from typing import NoReturn
 import flask
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-from . import errors, manifest, names, referrers
+from . import admission, errors, manifest, names, referrers
 from .build import ImageBuilder
 from .cache import ImageRecord
 from .config import Config, open_cache, open_storage
@@ -136,12 +136,14 @@ class Registry:
     # -- dispatch --------------------------------------------------------
 
     def error_response(self, error: errors.RegistryError) -> flask.Response:
-        return _json(error.status, error.body(self.redact.value))
+        return _json(error.status, error.body(self.redact.value), **error.headers)
 
     def handle(self, request: flask.Request) -> flask.Response:
         started = time.monotonic()
         path = request.path
         fault: dict = {}
+        # Who asks, for build admission (admission.py).
+        client = admission.CLIENT.set(admission.client_of(request.headers.get("X-Forwarded-For"), request.remote_addr))
         try:
             response = self._route(request, path)
         except errors.RegistryError as e:
@@ -151,6 +153,8 @@ class Registry:
         except Exception as e:  # our own fault: log it whole, tell the client little
             fault = _fault(e)
             response = self.error_response(errors.ServerError("internal server error; see the registry's logs"))
+        finally:
+            admission.CLIENT.reset(client)
         status = response.status_code
         message = f"{request.method} {status}" + (f": {fault['error']}" if fault else "")
         event("request", message, severity="INFO" if status < 500 else "ERROR", method=request.method,

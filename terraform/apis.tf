@@ -1,7 +1,7 @@
 # Every API the deployment touches. They stay enabled on destroy: other things in the
 # project may rely on them, and disabling an API is what breaks a shared project.
 locals {
-  services = toset([
+  services = setunion([
     "artifactregistry.googleapis.com", # images of the function's builds
     "cloudbuild.googleapis.com",       # builds the function from its source archive
     "cloudfunctions.googleapis.com",
@@ -14,7 +14,7 @@ locals {
     "logging.googleapis.com",
     "run.googleapis.com", # 2nd-gen functions run as Cloud Run services
     "storage.googleapis.com",
-  ])
+  ], var.budget_amount > 0 ? ["billingbudgets.googleapis.com"] : [])
 }
 
 resource "google_project_service" "apis" {

@@ -25,7 +25,7 @@ locals {
 # The cache collections whose documents expire (builder/cache): built images, build
 # leases and facts (channel commits, package resolutions, closure facts). Firestore deletes a document some time (typically within a day) after its
 # expires_at passes; readers already treat expired records as absent, so this only keeps
-# the collections from growing. Layer records never expire: their blobs stay in the bucket.
+# the collections from growing.
 resource "google_firestore_field" "manifests_expiry" {
   project    = var.project
   database   = local.firestore_database
@@ -45,6 +45,18 @@ resource "google_firestore_field" "builds_expiry" {
   ttl_config {}
 
   depends_on = [google_firestore_field.manifests_expiry]
+}
+
+# Layer records (LAYER_EXPIRY_DAYS), so they lapse with the objects they name.
+resource "google_firestore_field" "layers_expiry" {
+  project    = var.project
+  database   = local.firestore_database
+  collection = "${var.firestore_collection_prefix}layers"
+  field      = "expires_at"
+
+  ttl_config {}
+
+  depends_on = [google_firestore_field.facts_expiry]
 }
 
 resource "google_firestore_field" "facts_expiry" {

@@ -16,6 +16,11 @@ locals {
     MAX_PACKAGES = tostring(var.max_packages)
     MANIFEST_TTL = tostring(var.manifest_ttl)
 
+    # Cost guards.
+    LAYER_EXPIRY_DAYS          = tostring(var.layer_expiry_days)
+    COMMIT_TAGS                = var.commit_tags
+    BUILDS_PER_CLIENT_PER_HOUR = tostring(var.builds_per_client_per_hour)
+
     # The runtime has no Nix: a static one is fetched at the first build by store path from
     # the binary cache (signature and NAR hash checked), or from an operator's mirror
     # (NIX_BOOTSTRAP_URL, checked against its SHA-256), and keeps its store in /tmp (the only

@@ -1,6 +1,10 @@
 locals {
   layer_bucket_name = var.layer_bucket_name != "" ? var.layer_bucket_name : "${var.project}-${var.name}-layers"
 
+  # What expires by age (layer_expiry_days): blobs (builder/storage/gcs.py, BLOB_PREFIX:
+  # layers, configs, manifests) and the layer index (INDEX_PREFIX), written with each layer.
+  layer_expiring_prefixes = ["blobs/", "layers/"]
+
   # Where the GCS storage backend (builder/storage/gcs.py, UPLOAD_PREFIX) streams a
   # layer before copying it to its digest name. An upload cut short (an instance
   # stopped mid-build) can leave its temporary object behind.
@@ -31,6 +35,21 @@ resource "google_storage_bucket" "layers" {
     }
     action {
       type = "Delete"
+    }
+  }
+
+  # Cost guard: storage does not grow with every distinct image ever requested. An image
+  # whose layer is gone is rebuilt at its next pull (the registry heals lost blobs).
+  dynamic "lifecycle_rule" {
+    for_each = var.layer_expiry_days > 0 ? [var.layer_expiry_days] : []
+    content {
+      condition {
+        age            = lifecycle_rule.value
+        matches_prefix = local.layer_expiring_prefixes
+      }
+      action {
+        type = "Delete"
+      }
     }
   }
 

@@ -290,6 +290,75 @@ variable "build_images_to_keep" {
   default     = 2
 }
 
+# --- Cost guards ---------------------------------------------------------------------
+# Each is on by default; README's "Cost guards" says what each does.
+
+variable "layer_expiry_days" {
+  description = "Layers, image configs and manifests in the layer bucket are deleted this many days after they were written (a bucket lifecycle rule); the registry packs again what a later image needs, and layer records in the cache lapse a day earlier (LAYER_EXPIRY_DAYS). 0 keeps them forever (storage then grows with every distinct image ever requested)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.layer_expiry_days == 0 || (var.layer_expiry_days >= 2 && floor(var.layer_expiry_days) == var.layer_expiry_days)
+    error_message = "layer_expiry_days must be 0 (never) or a whole number of days, at least 2 (layer records lapse a day before their objects)."
+  }
+}
+
+variable "commit_tags" {
+  description = "COMMIT_TAGS: which 40-hex tags (a nixpkgs commit to build from) are served: \"none\" (the default: every commit is a package set to download and evaluate), \"any\", or a space-separated allow-list of commits."
+  type        = string
+  default     = "none"
+
+  validation {
+    condition     = contains(["any", "none"], var.commit_tags) || can(regex("^[0-9a-f]{40}( [0-9a-f]{40})*$", var.commit_tags))
+    error_message = "commit_tags must be \"none\", \"any\", or 40-hex commits separated by single spaces."
+  }
+}
+
+variable "builds_per_client_per_hour" {
+  description = "BUILDS_PER_CLIENT_PER_HOUR: image builds (cache misses) one client address may start per hour on one instance; more get 429 TOOMANYREQUESTS with Retry-After. Cached images are never refused. 0 = unbounded."
+  type        = number
+  default     = 20
+
+  validation {
+    condition     = var.builds_per_client_per_hour >= 0 && floor(var.builds_per_client_per_hour) == var.builds_per_client_per_hour
+    error_message = "builds_per_client_per_hour must be a whole number, 0 for unbounded."
+  }
+}
+
+variable "budget_amount" {
+  description = "Optional monthly budget for the project, in budget_currency units: alert e-mails to the billing account's administrators at 50%, 90% and 100% of it (actual spend) and at 100% forecast. 0 = no budget. Needs billing_account and the Billing Account Administrator or Costs Manager role on it."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.budget_amount >= 0
+    error_message = "budget_amount must be 0 (no budget) or a positive amount."
+  }
+}
+
+variable "budget_currency" {
+  description = "Currency of budget_amount: the billing account's currency (ISO 4217, e.g. USD, EUR)."
+  type        = string
+  default     = "USD"
+
+  validation {
+    condition     = can(regex("^[A-Z]{3}$", var.budget_currency))
+    error_message = "budget_currency must be a three-letter ISO 4217 code such as USD or EUR, the billing account's currency."
+  }
+}
+
+variable "billing_account" {
+  description = "The billing account ID (XXXXXX-XXXXXX-XXXXXX, see `gcloud billing accounts list`) the budget goes on; only with budget_amount."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.billing_account == "" || can(regex("^[0-9A-F]{6}-[0-9A-F]{6}-[0-9A-F]{6}$", var.billing_account))
+    error_message = "billing_account must be \"\" or an ID like 012345-6789AB-CDEF01 (gcloud billing accounts list)."
+  }
+}
+
 variable "extra_environment" {
   description = "More environment variables for the function (see builder/config.py), e.g. { ALWAYS_INCLUDE = \"cacert\" }. They override the ones this module sets."
   type        = map(string)

@@ -4,9 +4,11 @@ own logic.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,19 @@ def test_layers(cache):
     cache.put_layer(record)
     assert cache.get_layer("/nix/store/abc-git /nix/store/def-perl") == record
     assert cache.get_layer("/nix/store/abc-git") is None
+
+
+def test_layer_records_expire_like_image_records(cache):
+    live = dataclasses.replace(layer("/nix/store/abc-live"), expires_at=time.time() + 3600)
+    expired = dataclasses.replace(layer("/nix/store/abc-old"), expires_at=time.time() - 1)
+    cache.put_layer(live)
+    cache.put_layer(expired)
+    assert cache.get_layer(live.key) == live
+    assert cache.get_layer(expired.key) is None  # packed (and checked) again
+    # Repacked, the record is live again.
+    renewed = dataclasses.replace(expired, expires_at=time.time() + 3600)
+    cache.put_layer(renewed)
+    assert cache.get_layer(expired.key) == renewed
 
 
 BLOB_X, BLOB_Y, BLOB_Z = ("sha256:" + c * 64 for c in "123")

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import hcl2
 import pytest
 
-from builder.cache import BuildLease, Fact, ImageRecord
+from builder.cache import BuildLease, LayerRecord, Fact, ImageRecord
 from builder.config import SETTINGS, Config
 
 pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
@@ -210,7 +210,7 @@ def test_ttl_policies_match_the_cache_records():
     fields = resources("google_firestore_field")
     expiring = {body["collection"]: body for body in fields.values() if "ttl_config" in body}
     prefix = "${var.firestore_collection_prefix}"
-    assert set(expiring) == {prefix + "manifests", prefix + "builds", prefix + "facts"}
+    assert set(expiring) == {prefix + "manifests", prefix + "builds", prefix + "facts", prefix + "layers"}
     for body in expiring.values():
         assert body["field"] == "expires_at"
         assert body["database"] == "${local.firestore_database}"
@@ -218,6 +218,7 @@ def test_ttl_policies_match_the_cache_records():
     assert "expires_at" in {f.name for f in dataclasses.fields(ImageRecord)}
     assert "expires_at" in {f.name for f in dataclasses.fields(BuildLease)}
     assert "expires_at" in {f.name for f in dataclasses.fields(Fact)}
+    assert "expires_at" in {f.name for f in dataclasses.fields(LayerRecord)}
     assert variables()["firestore_collection_prefix"]["default"] == Config.firestore_prefix
     assert environment()["FIRESTORE_COLLECTION_PREFIX"] == "${var.firestore_collection_prefix}"
 
@@ -289,6 +290,48 @@ def test_abandoned_temporaries_are_removed():
     condition = one(deletes[0]["condition"])
     assert condition["matches_prefix"] == ["${local.layer_temporary_prefix}"]
     assert condition["age"] == 1
+
+
+def test_layer_objects_expire_by_age_by_default_and_their_records_a_day_earlier():
+    [rule] = resource("google_storage_bucket", "layers")["dynamic"]
+    content = one(rule["lifecycle_rule"]["content"])
+    for_each = rule["lifecycle_rule"]["for_each"]
+    assert for_each.startswith("${var.layer_expiry_days > 0 ?") and for_each.endswith(": []}")  # 0: off
+    condition = one(content["condition"])
+    assert condition["age"] == "${lifecycle_rule.value}"
+    assert condition["matches_prefix"] == "${local.layer_expiring_prefixes}"
+    assert one(content["action"])["type"] == "Delete"
+    expiring = local("layer_expiring_prefixes")
+    for constant in ("BLOB_PREFIX", "INDEX_PREFIX"):  # a layer's blob and its index entry go together
+        assert any(gcs_constant(constant).startswith(prefix) for prefix in expiring), constant
+    assert not any(gcs_constant("UPLOAD_PREFIX").startswith(prefix) for prefix in expiring)
+    assert variables()["layer_expiry_days"]["default"] == 30
+    assert environment()["LAYER_EXPIRY_DAYS"] == "${tostring(var.layer_expiry_days)}"
+    config = Config.from_env({"LAYER_EXPIRY_DAYS": "30"})
+    assert config.layer_record_ttl == 29 * 86400
+    assert Config.from_env({"LAYER_EXPIRY_DAYS": "0"}).layer_record_ttl is None
+
+
+def test_cost_guards_are_on_by_default():
+    defaults = {name: body.get("default") for name, body in variables().items()}
+    assert defaults["commit_tags"] == "none" and environment()["COMMIT_TAGS"] == "${var.commit_tags}"
+    assert defaults["builds_per_client_per_hour"] > 0
+    assert environment()["BUILDS_PER_CLIENT_PER_HOUR"] == "${tostring(var.builds_per_client_per_hour)}"
+    env = {name: resolve(value) for name, value in environment().items() if resolve(value)}
+    config = Config.from_env(env)
+    assert not config.commit_tag_allowed("0" * 40)
+    assert config.builds_per_client_per_hour == defaults["builds_per_client_per_hour"]
+
+
+def test_the_budget_alert_is_optional_and_needs_a_billing_account():
+    budget = resource("google_billing_budget", "project")
+    assert budget["count"] == "${var.budget_amount > 0 ? 1 : 0}"
+    assert variables()["budget_amount"]["default"] == 0
+    assert one(budget["budget_filter"])["projects"] == ["projects/${google_storage_bucket.source.project_number}"]
+    assert [r["threshold_percent"] for r in budget["threshold_rules"]] == [0.5, 0.9, 1.0, 1.0]
+    [precondition] = one(budget["lifecycle"])["precondition"]
+    assert "billing_account" in precondition["condition"]
+    assert "billingbudgets.googleapis.com" in local("services")
 
 
 def test_source_archive_holds_the_function_and_is_named_by_content():

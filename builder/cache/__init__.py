@@ -40,6 +40,12 @@ class LayerRecord:
     diff_id: str
     size: int
     md5: str  # hex
+    # unix seconds (see Config.layer_record_ttl); readers treat an expired record as absent. 0: never
+    # (records written before layers expired).
+    expires_at: float = 0.0
+
+    def live(self, now: float) -> bool:
+        return not self.expires_at or self.expires_at > now
 
     def to_json(self) -> bytes:
         """The record as storage's layer index keeps it."""

@@ -157,16 +157,18 @@ class FirestoreCache:
         data = self._get(self._layers.document(doc_id(key)), key)
         if data is None:
             return None
-        return self._decode(
+        record = self._decode(
             lambda: LayerRecord(
                 key=data["key"],
                 digest=data["digest"],
                 diff_id=data["diff_id"],
                 size=int(data["size"]),
                 md5=data["md5"],
+                expires_at=float(data.get("expires_at_unix") or 0.0),
             ),
             key,
         )
+        return record if record is not None and record.live(time.time()) else None
 
     def put_layer(self, record: LayerRecord) -> None:
         document = {
@@ -176,6 +178,8 @@ class FirestoreCache:
             "size": record.size,
             "md5": record.md5,
         }
+        if record.expires_at:  # for Firestore's TTL policy on the layers collection
+            document.update(expires_at=_timestamp(record.expires_at), expires_at_unix=float(record.expires_at))
         ref = self._layers.document(doc_id(record.key))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
 

@@ -1,12 +1,13 @@
 """A per-instance memory in front of a shared cache.
 
 Image and layer records never change once written, so they are kept until the image record's
-`expires_at` without asking the shared cache again; facts until their own expiry. Misses are
+`expires_at` (layer records: their own) without asking the shared cache again; facts until their own expiry. Misses are
 not remembered (another instance may build a moment later) and build leases always go through.
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import Generic, Mapping, Sequence, TypeVar
 
@@ -94,7 +95,7 @@ class MemoryCache:
 
     def get_layer(self, key: str) -> LayerRecord | None:
         record = self._layers.get(key)
-        if record is not None:
+        if record is not None and record.live(time.time()):
             return record
         record = self.inner.get_layer(key)
         if record is not None:

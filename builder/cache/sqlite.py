@@ -154,7 +154,8 @@ class SqliteCache:
     def get_layer(self, key: str) -> LayerRecord | None:
         with self._guarded():
             row = self._db.execute("SELECT record FROM layers WHERE key = ?", (key,)).fetchone()
-        return LayerRecord(**json.loads(row[0])) if row else None
+        record = LayerRecord(**json.loads(row[0])) if row else None
+        return record if record is not None and record.live(time.time()) else None
 
     def put_layer(self, record: LayerRecord) -> None:
         with self._guarded():
