@@ -50,13 +50,13 @@ resource "google_service_account" "build" {
   depends_on = [google_project_service.apis]
 }
 
-# The roles Google documents for a function's build account: write the build log; read
-# the source; push the image and the build cache image (writer on the function's own
-# repository only). Cloud Functions copies the source archive into a bucket it creates and
-# names itself, gcf-v2-sources-<project number>-<region>, and the build reads it there: read
-# access (objectViewer, not objectAdmin) is granted on the project with a condition naming
-# that bucket, so the build account can neither read nor write any other bucket, and in
-# particular cannot touch the layers every client pulls.
+# The roles Google documents for a function's build account: write the build log; object
+# admin for the source; push the image and the build cache image (writer on the function's
+# own repository only). Cloud Functions copies the source archive into a bucket it creates
+# and names itself, gcf-v2-sources-<project number>-<region>, and the build works there:
+# object admin is granted on the project with a condition naming that one bucket, so the
+# build account can neither read nor write any other bucket, and in particular cannot touch
+# the layers every client pulls.
 resource "google_project_iam_member" "build_logs" {
   project = var.project
   role    = "roles/logging.logWriter"
@@ -69,7 +69,7 @@ locals {
 
 resource "google_project_iam_member" "build_reads_sources" {
   project = var.project
-  role    = "roles/storage.objectViewer"
+  role    = "roles/storage.objectAdmin"
   member  = google_service_account.build.member
 
   condition {

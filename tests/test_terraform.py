@@ -417,17 +417,19 @@ def test_runtime_identity_has_exactly_the_least_privilege_roles():
 BUILD_MEMBER = "${google_service_account.build.member}"
 
 
-def test_the_build_identity_reads_only_function_sources_and_writes_only_its_image_repository():
+def test_the_build_identity_reaches_only_the_function_sources_bucket_and_its_image_repository():
     granted = {}
     for kind, name, body in all_resources():
         if body.get("member") == BUILD_MEMBER:
             granted[name] = (kind, body["role"], body.get("condition"))
     roles = {role for _, role, _ in granted.values()}
-    assert roles == {"roles/logging.logWriter", "roles/storage.objectViewer", "roles/artifactregistry.writer"}
-    # No write access to any bucket: the layers every client pulls are out of its reach.
-    assert not any("storage.object" in role and role != "roles/storage.objectViewer" for role in roles)
-    kind, _, condition = granted["build_reads_sources"]
-    assert kind == "google_project_iam_member"
+    assert roles == {"roles/logging.logWriter", "roles/storage.objectAdmin", "roles/storage.objectViewer",
+                     "roles/artifactregistry.writer"}
+    # Object admin (the role Google documents for a build account) only on the bucket Cloud
+    # Functions stages sources in: the layers every client pulls are out of its reach.
+    kind, role, condition = granted["build_reads_sources"]
+    assert (kind, role) == ("google_project_iam_member", "roles/storage.objectAdmin")
+    assert [name for name, (_, r, _) in granted.items() if r == "roles/storage.objectAdmin"] == ["build_reads_sources"]
     expression = one(condition)["expression"]
     assert "${local.function_sources_bucket}" in expression and "startsWith" in expression
     assert local("function_sources_bucket") == (
