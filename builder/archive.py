@@ -1,11 +1,9 @@
 """Deterministic tar layers, written and hashed in one streaming pass.
 
-The same store paths always give the same bytes (sorted members, fixed mtime and owner, compressed
-without a timestamp), since a layer's digest is its identity across builds and instances. The
-tar's sha256 (diff_id), and the written bytes' sha256, MD5 and size, are computed on the way to
-`out`, through 1 MiB blocks: a layer is never held in memory. Compression runs on threads of its
-own (gzip in independent 1 MiB blocks as pigz does, zstd in its multi-threaded mode), so a big
-layer uses more than one core, and the bytes never depend on the number of threads. Why: docs/design.md, "Packing".
+Same store paths, same bytes (sorted members, fixed mtime and owner, no timestamp), at any number of
+compression threads (gzip in independent 1 MiB blocks as pigz writes it, zstd multi-threaded), since
+a layer's digest is its identity. diff_id, sha256, MD5 and size are computed on the way to `out`
+through 1 MiB blocks: a layer is never held in memory. Why: docs/design.md, "Packing".
 """
 from __future__ import annotations
 

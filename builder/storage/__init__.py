@@ -1,13 +1,9 @@
-"""Content-addressed blob storage: layers, image configs and manifests.
+"""Content-addressed blob storage: layers, image configs and manifests, and the layer index.
 
-Every blob lives under its sha256 digest; `open_storage` (in `builder/config.py`) picks a
-backend. Bytes stream into an `Upload` while the caller computes the digest; `commit` publishes
-them under their final name atomically, or skips the write when an object with the same MD5 is
-already there (so a layer two images share is stored once).
-
-Besides blobs, storage keeps a layer index: one small object per layer key (named by the key's
-SHA-256) saying which blob that key produced, as Nixery's `builds/` objects did. The cache stays
-the fast path; the index lets a new or emptied cache find every stored layer without packing it.
+Every blob lives under its sha256 digest; `open_storage` (in `builder/config.py`) picks a backend.
+Bytes stream into an `Upload` while the caller computes the digest; `commit` publishes them atomically,
+or skips the write when an object with the same MD5 is there. The layer index records, per layer key,
+the blob it produced, so an emptied cache repacks nothing stored (docs/design.md, "Packing").
 """
 from __future__ import annotations
 
