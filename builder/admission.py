@@ -1,15 +1,8 @@
-"""Per-client build admission: how many image builds one client may start per hour.
+"""Per-client build admission: at most BUILDS_PER_CLIENT_PER_HOUR image builds per client per hour.
 
-A cache miss costs a Nix evaluation, substitution and packing; a client asking for
-a stream of distinct images could keep instances busy (and the bill growing)
-indefinitely. Each instance counts the builds a client started in the last hour
-(BUILDS_PER_CLIENT_PER_HOUR; 0 = unbounded) and answers further misses with 429
-TOOMANYREQUESTS and a Retry-After of when the oldest one leaves the window.
-Cached images are never counted or refused. The count is per instance (no shared
-state on the request path), so the bound for the service is this times max_instances.
-
-The client is the address `http.py` puts in CLIENT for the request: on Cloud Run the
-last X-Forwarded-For entry (the one Google's front end appends), else the peer.
+Counted per instance, in memory (nothing shared on the request path); over it, a cache miss gets
+429 TOOMANYREQUESTS with Retry-After, while cached images are always served. The client is the
+address `http.py` puts in CLIENT: the last X-Forwarded-For entry (Google's front end appends it).
 """
 from __future__ import annotations
 

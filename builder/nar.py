@@ -1,9 +1,8 @@
 """Unpack a Nix archive (NAR) from a stream, refusing anything that would leave the target.
 
-Each entry name is checked (no "/", ".", "..", NUL, empty) and entries must come in strictly
-ascending order, so every write stays beneath the target; symbolic link targets are data,
-created as given and never followed. File contents stream to disk in chunks, never whole into
-memory. The format and why this suffices: docs/design.md, "Nix on the function".
+A NAR (what `nix-store --dump` writes, how binary caches ship a store path) names one entry per
+directory level; names are checked and must ascend strictly, files are created O_EXCL|O_NOFOLLOW,
+and contents stream to disk in chunks. Why this keeps writes inside the target: docs/design.md.
 """
 from __future__ import annotations
 

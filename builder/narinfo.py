@@ -1,9 +1,8 @@
-"""Binary cache metadata: `<hash>.narinfo` files, their signatures, and Nix's base-32.
+"""Binary cache metadata: `<hash>.narinfo` files, their ed25519 signatures, and Nix's base-32.
 
-A narinfo names a store path's compressed NAR (`URL`, `Compression`, `FileSize`, `FileHash`) and
-the NAR itself (`NarHash`, `NarSize`); `Sig` lines are ed25519 signatures over the fingerprint
-`1;<store path>;<NarHash>;<NarSize>;<references>`. Only the fingerprint is signed, so trust comes
-from checking NarHash and NarSize on the unpacked bytes.
+A narinfo names a store path's compressed NAR (URL, Compression, FileHash, FileSize) and the NAR
+itself (NarHash, NarSize); `Sig` lines sign the fingerprint `1;<path>;<NarHash>;<NarSize>;<refs>`.
+FileHash and FileSize are not signed: trust comes from checking NarHash and NarSize.
 """
 from __future__ import annotations
 

@@ -581,17 +581,53 @@ def _store_lock(settings: NixSettings, mode: int):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# Sizes of finished store paths (immutable), by their path on disk: only new paths are walked.
+_PATH_BYTES: dict[str, int] = {}
+_PATH_BYTES_LOCK = threading.Lock()
+# Nix sets a path's mtime to 1 once it is complete and registered; a path being written has a real one.
+_CANONICAL_MTIME = 1
+
+
 def store_bytes_used(settings: NixSettings) -> int:
     """Bytes the store holds: the sizes of the files under its root (a chroot store's database too).
 
     Not statvfs of its filesystem: that also counts whatever else lives there (all of /tmp on
     the function), and under gVisor statvfs of an in-memory /tmp reports about 2^63 bytes.
+    Finished store paths never change, so each is walked once per process.
     """
-    return tree_bytes(settings.store or "/nix/store")
+    root = settings.store or "/nix/store"
+    store_dir = os.path.join(root, "nix", "store") if settings.store else root
+    total, present = 0, set()
+    try:
+        entries = list(os.scandir(store_dir))
+    except OSError:
+        entries = []
+    for entry in entries:
+        present.add(entry.path)
+        with _PATH_BYTES_LOCK:
+            known = _PATH_BYTES.get(entry.path)
+        if known is not None:
+            total += known
+            continue
+        try:
+            stat = entry.stat(follow_symlinks=False)
+            size = tree_bytes(entry.path) if entry.is_dir(follow_symlinks=False) else stat.st_size
+        except OSError:  # collected meanwhile
+            continue
+        if stat.st_mtime == _CANONICAL_MTIME and not entry.name.startswith("."):
+            with _PATH_BYTES_LOCK:
+                _PATH_BYTES[entry.path] = size
+        total += size
+    with _PATH_BYTES_LOCK:  # forget collected paths (a path of this store is under store_dir)
+        for path in [p for p in _PATH_BYTES if os.path.dirname(p) == store_dir and p not in present]:
+            del _PATH_BYTES[path]
+    if settings.store:
+        total += tree_bytes(root, skip=store_dir)  # the database, GC roots, profiles
+    return total
 
 
-def tree_bytes(root: str) -> int:
-    """Sum of the sizes of the regular files and links under `root`, links not followed."""
+def tree_bytes(root: str, skip: str | None = None) -> int:
+    """Sum of the sizes of the regular files and links under `root` (but not `skip`), links not followed."""
     total, pending = 0, [root]
     while pending:
         try:
@@ -602,7 +638,8 @@ def tree_bytes(root: str) -> int:
             for entry in entries:
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
+                        if entry.path != skip:
+                            pending.append(entry.path)
                     else:
                         total += entry.stat(follow_symlinks=False).st_size
                 except OSError:

@@ -32,6 +32,13 @@ def nar_sizes(store: Path) -> int:
     return sum(entry["narSize"] for entry in entries)
 
 
+def files_under(root: Path) -> int:
+    """find's sum of the sizes of the files and links under `root`."""
+    listed = subprocess.run(["find", str(root), "(", "-type", "f", "-o", "-type", "l", ")", "-printf", "%s\\n"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    return sum(map(int, listed))
+
+
 def make_builder(root: Path, gc_above: int) -> tuple[ImageBuilder, list[dict]]:
     """A builder on the chroot store `root/store`, with a cache of its own (so each one builds)."""
     events: list[dict] = []
@@ -58,14 +65,20 @@ def test_the_store_size_is_the_bytes_its_paths_hold_and_ignores_the_rest_of_the_
     # The files and links of the store and its database (find's count), at least what Nix says
     # its paths hold (NAR sizes, which add a little framing) and no more than that and the
     # database with the space Nix reserves for collecting garbage (gc-reserved-space, 8 MiB).
-    listed = subprocess.run(["find", str(store), "(", "-type", "f", "-o", "-type", "l", ")", "-printf", "%s\\n"],
-                            capture_output=True, text=True, check=True).stdout.split()
-    assert held == sum(map(int, listed))
+    assert held == files_under(store)
     assert 0.9 * nar_sizes(store) < held < nar_sizes(store) + (9 << 20)
 
     # 32 MiB written beside the store, on the same filesystem: statvfs would count it, the store does not.
     (tmp_path / "beside").write_bytes(os.urandom(32 << 20))
     assert nix.store_bytes_used(settings) == held
+
+    # Finished paths are remembered, new ones counted, collected ones forgotten.
+    (tmp_path / "added").write_bytes(os.urandom(1 << 20))
+    subprocess.run(["nix-store", "--store", str(store), "--add", str(tmp_path / "added")], check=True,
+                   capture_output=True)
+    assert nix.store_bytes_used(settings) == files_under(store) >= held + (1 << 20)
+    subprocess.run(["nix-store", "--store", str(store), "--gc"], check=True, capture_output=True)
+    assert nix.store_bytes_used(settings) == files_under(store) < held
 
 
 def test_garbage_collection_starts_above_the_limit_of_what_the_store_holds(tmp_path):
