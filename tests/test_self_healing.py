@@ -5,6 +5,7 @@ the bucket. Each test breaks something the way a deployment breaks it, then pull
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import sqlite3
@@ -15,7 +16,9 @@ import pytest
 
 from builder.cache import LayerRecord
 from builder.cache.sqlite import SqliteCache
+from builder.errors import StorageFull
 from builder.manifest import DOCKER_MANIFEST, OCI_MANIFEST
+from builder.storage.filesystem import FilesystemStorage
 from tests.test_clients import skopeo_to_oci
 
 OCI = {"Accept": OCI_MANIFEST}
@@ -149,6 +152,40 @@ def test_temporary_files_of_a_dead_upload_are_deleted_at_start(start_registry, t
     registry = start_registry(state_dir=state)
     assert not leftover.exists()
     assert registry.events("storage-cleared")[0]["removed"] == 1
+
+
+class FullDiskFile:
+    """A temporary file on a disk that filled up: flushing and closing fail as they do then."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self.real.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("ending", ["commit", "abort"])
+def test_an_upload_whose_close_fails_still_deletes_its_temporary_file(tmp_path, ending):
+    storage = FilesystemStorage(str(tmp_path))
+    storage.check()
+    data = b"half a layer"
+    upload = storage.upload()
+    upload.write(data)
+    upload._file = FullDiskFile(upload._file)
+    if ending == "commit":
+        with pytest.raises(StorageFull, match="storage is full"):
+            upload.commit(sha256(data), hashlib.md5(data).hexdigest(), len(data), "application/octet-stream")
+    else:
+        upload.abort()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert storage.stat(sha256(data)) is None
 
 
 @pytest.mark.parametrize("breakage", ["not a database", "damaged pages"])
