@@ -35,10 +35,11 @@ def package_fact(resolved: dict, closure: Sequence[str], tree: dict | None) -> d
 
 def readable_package(fact: Mapping) -> bool:
     """Whether a package fact has the shape this code reads (a foreign or damaged one is ignored)."""
-    resolved, closure = fact.get("resolved"), fact.get("closure")
+    resolved, closure, tree = fact.get("resolved"), fact.get("closure"), fact.get("tree")
     return (isinstance(resolved, dict) and isinstance(resolved.get("path"), str)
             and isinstance(resolved.get("attr"), str) and isinstance(closure, list)
-            and resolved["path"] in closure and all(isinstance(p, str) for p in closure))
+            and resolved["path"] in closure and all(isinstance(p, str) for p in closure)
+            and (tree is None or (isinstance(tree, dict) and isinstance(tree.get("entries", []), list))))
 
 
 def path_fact(path: StorePath) -> dict:

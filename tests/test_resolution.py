@@ -205,3 +205,22 @@ def test_records_expire_like_the_image_cache(instances, nix_log):
     assert source.pinned
     assert abs(fact.expires_at - (time.time() + first.config.pinned_manifest_ttl)) < 60
     assert first.cache.inner.get_facts(resolution.PACKAGE, [key], fact.expires_at + 1) == {}
+
+
+def test_a_package_whose_tree_was_not_recorded_is_realised_by_path_not_evaluated(instances, nix_log):
+    _, log = nix_log
+    first = instances("first")
+    first.image(request("hello"), "latest")
+    first.image(request("coreutils"), "latest")
+    source = first.resolve_source("latest")
+    key = resolution.package_key(source, "x86_64-linux", "hello")
+    cache = first.cache.inner
+    fact = cache.get_facts(resolution.PACKAGE, [key], time.time())[key]
+    cache.put_facts(resolution.PACKAGE, {key: {**fact.value, "tree": None}}, fact.expires_at)  # too large to record
+
+    log.write_text("")
+    record = instances("fresh").image(request("coreutils/hello"), "latest")
+    assert calls(log, "nix-instantiate") == 0
+    assert calls(log, "nix-store") == 1  # hello's output, by path, from the binary cache
+    alone = instances("alone", shared=False)
+    assert oci_digest(alone.image(request("coreutils/hello"), "latest")) == oci_digest(record)
