@@ -301,7 +301,8 @@ class ImageBuilder:
                  nix_seconds=round(nix_seconds, 3), layers=len(image_layers), layers_packed=packed,
                  store_paths=len(closure.paths), evaluated=len(request.packages) - len(recorded),
                  recorded=len(recorded), seconds={k: round(v, 3) for k, v in seconds.items()}, **fields)
-        self._collect_garbage_when_full()
+        if nix_seconds:  # the store grew only if Nix ran (measuring it walks the whole store)
+            self._collect_garbage_when_full()
         return record
 
     # -- resolutions recorded by earlier builds (builder/resolution.py) -------
