@@ -537,7 +537,7 @@ class ImageBuilder:
         config_blob = manifest.Blob(manifest.digest_of(config_bytes), len(config_bytes))
         self.storage.put_bytes(config_blob.digest, config_bytes, "application/vnd.oci.image.config.v1+json")
         refs = []
-        for media_type in manifest.MANIFEST_TYPES:
+        for media_type in manifest.manifest_types(self._layer_format()):
             data = manifest.image_manifest(media_type, config_blob, image_layers, labels)
             digest = manifest.digest_of(data)
             self.storage.put_bytes(digest, data, media_type)

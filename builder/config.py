@@ -77,7 +77,7 @@ class Config:
     max_layers: int = setting("MAX_LAYERS", 100, _int)  # store-path layers; one more is the customisation layer
     max_packages: int = setting("MAX_PACKAGES", 64, _int)
     max_name_length: int = setting("MAX_NAME_LENGTH", 1024, _int)
-    compression: str = setting("LAYER_COMPRESSION", "gzip")  # gzip | none
+    compression: str = setting("LAYER_COMPRESSION", "gzip")  # gzip | zstd | none
     pack_workers: int = setting("PACK_WORKERS", 0, _int)  # layers packed at once; 0: one per CPU
     manifest_ttl: int = setting("MANIFEST_TTL", 6 * 3600, _int)  # for sources without a commit
     pinned_manifest_ttl: int = setting("PINNED_MANIFEST_TTL", 30 * 24 * 3600, _int)  # for commits
@@ -182,8 +182,8 @@ class Config:
             raise ServerError("configuration: LAYER_EXPIRY_DAYS must be 0 (never) or at least 2 days")
         if "{rev}" not in self.nixpkgs_archive_url:
             raise ServerError("configuration: NIXPKGS_ARCHIVE_URL must hold {rev}, where the commit goes")
-        if self.compression not in ("gzip", "none"):
-            raise ServerError("configuration: LAYER_COMPRESSION must be gzip or none")
+        if self.compression not in ("gzip", "zstd", "none"):
+            raise ServerError("configuration: LAYER_COMPRESSION must be gzip, zstd or none")
         if self.pack_workers < 0:
             raise ServerError("configuration: PACK_WORKERS must be 0 (one per CPU) or more")
         if not 1 <= self.max_layers <= 120:

@@ -24,7 +24,14 @@ _LAYER_TYPE = {
     (DOCKER_MANIFEST, "tar"): "application/vnd.docker.image.rootfs.diff.tar",
     (OCI_MANIFEST, "tar+gzip"): "application/vnd.oci.image.layer.v1.tar+gzip",
     (OCI_MANIFEST, "tar"): "application/vnd.oci.image.layer.v1.tar",
+    # Docker's schema2 has no zstd layer type: zstd images come as OCI manifests only.
+    (OCI_MANIFEST, "tar+zstd"): "application/vnd.oci.image.layer.v1.tar+zstd",
 }
+
+
+def manifest_types(layer_format: str) -> tuple[str, ...]:
+    """The manifest flavours that can describe layers of `layer_format` ("tar+gzip", "tar+zstd", "tar")."""
+    return tuple(t for t in MANIFEST_TYPES if (t, layer_format) in _LAYER_TYPE)
 
 # A fixed creation time keeps the config, and so every digest, reproducible; images of a
 # package set whose commit time is known are created then (see contents.created).

@@ -130,6 +130,8 @@ class IndexBuilder:
         refs = []
         for media_type in manifest.INDEX_TYPES:
             entry_type = manifest.INDEX_ENTRY_TYPE[media_type]
+            if not all(any(m.media_type == entry_type for m in image.manifests) for image in images.values()):
+                continue  # zstd images have no Docker schema2 manifest, so no Docker manifest list either
             entries = []
             for platform, image in images.items():
                 ref = next(m for m in image.manifests if m.media_type == entry_type)
