@@ -20,6 +20,8 @@ from builder.config import Config
 from builder.http import ManifestMemory, Registry
 from builder.storage.filesystem import FilesystemStorage
 
+pytestmark = pytest.mark.fast  # in-process: part of scripts/test-fast
+
 REPO = Path(__file__).resolve().parent.parent
 OCI = {"Accept": manifest.OCI_MANIFEST}
 LAYER = b"layer bytes " * 100

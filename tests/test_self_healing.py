@@ -171,6 +171,7 @@ class FullDiskFile:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ending", ["commit", "abort"])
 def test_an_upload_whose_close_fails_still_deletes_its_temporary_file(tmp_path, ending):
     storage = FilesystemStorage(str(tmp_path))
@@ -213,6 +214,7 @@ def test_a_broken_cache_file_is_set_aside_and_the_registry_starts_and_serves(sta
     assert len(registry.builds()) == 1, "the new cache file records what was built"
 
 
+@pytest.mark.fast
 def test_a_cache_file_broken_while_in_use_is_replaced_at_the_next_call(tmp_path, capsys):
     path = tmp_path / "cache.sqlite"
     cache = SqliteCache(str(path))
