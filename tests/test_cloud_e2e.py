@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import requests
 
-from builder.manifest import OCI_MANIFEST
+from builder.manifest import OCI_INDEX, OCI_MANIFEST
 from tests.demo_variants import slow_demo
 from tests.test_clients import skopeo_to_oci, unpack_and_run
 
@@ -193,3 +193,18 @@ def test_pulls_succeed_with_firestore_down(start_registry, cloud_env, firestore_
     finally:
         firestore_emulator.start()
     # And a cold instance with the emulator gone altogether still builds and serves.
+
+
+def test_an_index_in_the_bucket_and_firestore_is_served_by_a_fresh_instance_without_nix(start_registry, cloud_env):
+    index_accept = {"Accept": OCI_INDEX}
+    first = start_registry(cloud_env).get("/v2/goodbye/tools/manifests/latest", headers=index_accept)
+    assert first.status_code == 200, first.text
+    assert [m["platform"]["architecture"] for m in first.json()["manifests"]] == ["amd64", "arm64"]
+    fresh = start_registry(cloud_env)
+    again = fresh.get("/v2/goodbye/tools/manifests/latest", headers=index_accept)
+    assert again.content == first.content and fresh.builds() == []
+    for entry in again.json()["manifests"]:
+        manifest = fresh.get(f"/v2/goodbye/tools/manifests/{entry['digest']}", headers=OCI)
+        assert manifest.status_code == 200 and manifest.headers["Docker-Content-Digest"] == entry["digest"]
+        for blob in [manifest.json()["config"], *manifest.json()["layers"]]:
+            assert fresh.head(f"/v2/goodbye/tools/blobs/{blob['digest']}").status_code == 200

@@ -1,7 +1,10 @@
 import pytest
 
 from builder import errors, names
-from builder.manifest import DOCKER_MANIFEST, OCI_MANIFEST, choose_media_type
+from builder.manifest import (
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, IndexEntry, choose_index_type, choose_media_type,
+    image_index, manifest_media_type, omitted_platforms,
+)
 
 pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
 
@@ -103,3 +106,27 @@ def test_media_type_from_accept_lines():
     assert choose_media_type([f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"]) == DOCKER_MANIFEST
     assert choose_media_type([f"{DOCKER_MANIFEST};q=0.5, {OCI_MANIFEST}"]) == OCI_MANIFEST
     assert choose_media_type([f"{OCI_MANIFEST};q=0"]) == DOCKER_MANIFEST
+
+
+def test_index_flavour_is_oci_whenever_accepted_and_none_for_single_manifest_clients():
+    assert choose_index_type([DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST]) == OCI_INDEX
+    assert choose_index_type([f"{DOCKER_MANIFEST_LIST}, {DOCKER_MANIFEST}"]) == DOCKER_MANIFEST_LIST
+    assert choose_index_type([f"{OCI_INDEX};q=0, {DOCKER_MANIFEST_LIST}"]) == DOCKER_MANIFEST_LIST
+    assert choose_index_type([OCI_MANIFEST, DOCKER_MANIFEST]) is None
+    assert choose_index_type([]) is None and choose_index_type(["*/*"]) is None
+
+
+def test_an_index_notes_its_omitted_platforms_and_reads_them_back():
+    entry = IndexEntry("linux/amd64", "sha256:" + "a" * 64, 123)
+    data = image_index(OCI_INDEX, [entry], {"linux/arm64": "cpuid: not available"})
+    assert manifest_media_type(data) == OCI_INDEX
+    assert omitted_platforms(data) == {"linux/arm64": "cpuid: not available"}
+    assert omitted_platforms(image_index(OCI_INDEX, [entry], {})) == {}
+    assert omitted_platforms(b"not json") == {}
+
+
+def test_a_platforms_name_is_the_arm64_prefixed_name():
+    assert names.platform_name("shell/hello", "linux/amd64") == "shell/hello"
+    assert names.platform_name("shell/hello", "linux/arm64") == "arm64/shell/hello"
+    assert parse(names.platform_name("nonroot/hello", "linux/arm64")).architecture == "arm64"
+    assert names.names_platform(parse("arm64/hello")) and not names.names_platform(parse("hello/arm64"))
