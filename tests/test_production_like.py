@@ -188,3 +188,34 @@ def test_the_store_in_tmp_is_emptied_above_its_limit_and_builds_go_on(start_func
     assert pulled.returncode == 0, pulled.stderr
     assert [b["image"] for b in function.events("nix-build") if b["result"] == "built"] == ["hello", "coreutils/hello"]
     assert len(function.events("nix-gc")) == 2
+
+
+def test_a_fresh_instance_builds_a_new_combination_of_known_packages_without_nix(start_function, function_env,
+                                                                                 tmp_path):
+    oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    first = start_function(function_env)
+    for image in ("hello", "coreutils"):
+        assert first.get(f"/v2/{image}/manifests/latest", headers=oci).status_code == 200
+
+    # Its own empty /tmp, no Nix: what earlier builds recorded in Firestore is enough.
+    second = start_function(function_env)
+    response = second.get("/v2/coreutils/hello/manifests/latest", headers=oci)
+    assert response.status_code == 200, response.text
+    [built] = [e for e in second.events("nix-build") if e["result"] == "built"]
+    assert (built["image"], built["evaluated"], built["recorded"]) == ("coreutils/hello", 0, 4)
+    assert second.events("nix-bootstrap") == []
+    assert not (second.tmp() / "nix").exists()
+
+    # The image is whole: it runs.
+    digest = response.headers["Docker-Content-Digest"]
+    layout = tmp_path / "oci"
+    pulled = skopeo_copy(second, f"coreutils/hello@{digest}", layout)
+    assert pulled.returncode == 0, pulled.stderr
+    bundle = tmp_path / "bundle"
+    unpacked = subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)],
+                              capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    for program, expected in (("/bin/hello", "Hello, world!\n"), ("/bin/echo", "ok\n")):
+        ran = subprocess.run(["chroot", str(bundle / "rootfs"), program, *(["ok"] if "echo" in program else [])],
+                             capture_output=True, text=True)
+        assert (ran.returncode, ran.stdout) == (0, expected), ran.stderr
