@@ -15,27 +15,47 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import (admission, archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix,
                referrers, resolution, sbom, sources)
-from .cache import Cache, ImageRecord, LayerRecord, ManifestRef
+from .cache import BuildProgress, BuiltImage, BuiltLayer, Cache, FailedBuild, ImageRecord, LayerRecord, ManifestRef
 from .config import Config
 from .storage import Storage
 
 CUSTOMISATION_FORMAT = "customisation-v2"  # v2: users, groups, nsswitch.conf
+# How long the front page lists a failed build (retries are governed by FAILURE_TTL).
+FAILURE_LISTED_SECONDS = 24 * 3600
+# A build reports a new phase at once, and progress within a phase (layer N of M) at most this often.
+PROGRESS_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class BuildError:
-    """A build failure worth showing on the index page."""
+class Progress:
+    """Where one build is, written into its lease for the front page; only the lease's holder writes.
 
-    time: float
-    image: str
-    message: str
+    Called with a phase: waiting for a build slot, evaluating, realising, packing N of M layers, uploading.
+    A build without a lease (the cache is down) reports nothing.
+    """
+
+    def __init__(self, cache_call: Callable, cache: Cache, request: names.ImageRequest, tag: str, key: str,
+                 holder: str | None):
+        self._cache_call, self._cache, self._holder = cache_call, cache, holder
+        self._request, self._tag, self._key = request, tag, key
+        self.started = time.time()
+        self._kind: str | None = None
+        self._reported = 0.0
+        self._lock = threading.Lock()  # layers are packed on several threads
+
+    def __call__(self, phase: str) -> None:
+        kind, now = phase.split()[0], time.monotonic()
+        with self._lock:
+            if self._holder is None or (kind == self._kind and now - self._reported < PROGRESS_SECONDS):
+                return
+            self._kind, self._reported = kind, now
+        progress = BuildProgress(key=self._key, name=self._request.name, tag=self._tag,
+                                 architecture=self._request.architecture, started=self.started, phase=phase)
+        self._cache_call("progress", self._cache.report_build, self._key, self._holder, progress)
 
 
 def nix_settings(config: Config, bin_dir: str | None, running: nix.RunningProcesses | None = None) -> nix.NixSettings:
@@ -98,7 +118,6 @@ class ImageBuilder:
         self._nix_settings_lock = threading.Lock()
         self.store_root = config.nix_store or "/"
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.recent_errors: deque[BuildError] = deque(maxlen=20)
         self._in_flight: dict[str, Future] = {}
         self._in_flight_lock = threading.Lock()
         self.admission = admission.BuildAdmission(config.builds_per_client_per_hour)
@@ -168,7 +187,7 @@ class ImageBuilder:
         if not leader:
             return future.result()
         try:
-            record = self._coordinated_build(request, source, key)
+            record = self._coordinated_build(request, tag, source, key)
             future.set_result(record)
             return record
         except BaseException as e:
@@ -178,7 +197,8 @@ class ImageBuilder:
             with self._in_flight_lock:
                 del self._in_flight[key]
 
-    def _coordinated_build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
+    def _coordinated_build(self, request: names.ImageRequest, tag: str, source: sources.PackageSource,
+                           key: str) -> ImageRecord:
         """Build under the cache's lease, or wait for whoever holds it.
 
         A live lease is renewed by its holder's heartbeat, so waiting on it is waiting
@@ -194,14 +214,14 @@ class ImageBuilder:
             now = time.time()
             lease = self._cache_call("lease", self.cache.claim_build, key, holder, now + lease_seconds, now)
             if lease is None:  # no coordination possible: build alone
-                return self._build_and_record(request, source, key, holder=None)
+                return self._build_and_record(request, tag, source, key, holder=None)
             if lease.holder == holder:
                 # The previous holder may have finished between our cache read and this claim.
                 record = self.cached_image(key)
                 if record is not None:
                     self._cache_call("lease release", self.cache.finish_build, key, holder, None, 0)
                     return record
-                return self._build_and_record(request, source, key, holder=holder)
+                return self._build_and_record(request, tag, source, key, holder=holder)
             if lease.error is not None:
                 raise errors.RegistryError.from_remembered(lease.error)
             if now > give_up:
@@ -212,25 +232,35 @@ class ImageBuilder:
             if record is not None:
                 return record
 
-    def _build_and_record(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
+    def _build_and_record(self, request: names.ImageRequest, tag: str, source: sources.PackageSource, key: str,
                           holder: str | None) -> ImageRecord:
         error_to_remember = None
         if holder is not None:
             self.leases.hold(key, holder)
+        progress = Progress(self._cache_call, self.cache, request, tag, key, holder)
         try:
             # Queued for a slot with the lease held (and renewed): other instances wait, not build.
+            progress("waiting for a build slot")
             with self.slots.slot(self.stopping, time.time() + self.config.build_wait_seconds):
-                return self._build(request, source, key)
+                return self._build(request, tag, source, key, progress)
         except errors.RegistryError as e:
             if e.status < 500 and not self.stopping.is_set():
                 error_to_remember = e.remembered()
-            self.recent_errors.append(BuildError(time.time(), request.name, e.message))
+            if not self.stopping.is_set():
+                self._record_failure(request, tag, key, e)
             raise
         finally:
             if holder is not None:
                 self.leases.release(key, holder)
                 self._cache_call("lease release", self.cache.finish_build, key, holder, error_to_remember,
                                  time.time() + self.config.failure_ttl)
+
+    def _record_failure(self, request: names.ImageRequest, tag: str, key: str, error: errors.RegistryError) -> None:
+        """For the front page, which shows the message as clients get it (cleaned by redact.py)."""
+        now = time.time()
+        failure = FailedBuild(key=key, name=request.name, tag=tag, architecture=request.architecture, code=error.code,
+                              message=error.message, finished=now, expires_at=now + FAILURE_LISTED_SECONDS)
+        self._cache_call("failure write", self.cache.record_failure, failure)
 
     # -- stopping --------------------------------------------------------------
 
@@ -264,7 +294,8 @@ class ImageBuilder:
                                                   self.running)
             return self._nix_settings
 
-    def _build(self, request: names.ImageRequest, source: sources.PackageSource, key: str) -> ImageRecord:
+    def _build(self, request: names.ImageRequest, tag: str, source: sources.PackageSource, key: str,
+               progress: Callable[[str], None]) -> ImageRecord:
         started = time.monotonic()
         os.makedirs(self.config.work_dir, exist_ok=True)
         work_dir = tempfile.mkdtemp(prefix="build-", dir=self.config.work_dir)
@@ -273,10 +304,10 @@ class ImageBuilder:
         try:
             recorded, recorded_paths = self._recorded_packages(request, source)
             try:
-                closure = self._closure(request, source, recorded, recorded_paths, work_dir, seconds)
+                closure = self._closure(request, source, recorded, recorded_paths, work_dir, seconds, progress)
                 try:
-                    record, image_layers, packed = self._assemble(request, source, key, closure, recorded,
-                                                                  work_dir, seconds)
+                    record, image_layers, packed, layer_paths = self._assemble(
+                        request, source, key, closure, recorded, work_dir, seconds, progress)
                 except (nix.NixError, OSError, ValueError) as e:
                     if not recorded:
                         raise
@@ -285,9 +316,9 @@ class ImageBuilder:
                     self.log("resolution-fallback", f"recorded resolution of {request.name} failed: {e}",
                              severity="WARNING", error=str(e), **fields)
                     recorded = {}
-                    closure = self._closure(request, source, {}, {}, work_dir, seconds)
-                    record, image_layers, packed = self._assemble(request, source, key, closure, recorded,
-                                                                  work_dir, seconds)
+                    closure = self._closure(request, source, {}, {}, work_dir, seconds, progress)
+                    record, image_layers, packed, layer_paths = self._assemble(
+                        request, source, key, closure, recorded, work_dir, seconds, progress)
             except nix.NixError as e:
                 self._raise_if_stopping()  # Nix was ended by the shutdown, not by the packages
                 error = _registry_error(e)
@@ -297,6 +328,13 @@ class ImageBuilder:
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)  # drops the GC roots too
         nix_seconds = seconds.get("evaluate", 0.0) + seconds.get("substitute", 0.0)
+        built = BuiltImage(
+            key=key, name=request.name, tag=tag, architecture=request.architecture, source=source.identity,
+            manifests=record.manifests, size=sum(layer.size for layer in image_layers), layer_count=len(image_layers),
+            build_seconds=time.monotonic() - started, finished=record.created, expires_at=record.expires_at,
+            layers=tuple(BuiltLayer(layer.digest, layer.size, paths) for layer, paths in zip(image_layers, layer_paths)),
+        )
+        self._cache_call("recent image write", self.cache.record_image, built)
         self.log("nix-build", f"built {request.name}", result="built", duration=round(time.monotonic() - started, 3),
                  nix_seconds=round(nix_seconds, 3), layers=len(image_layers), layers_packed=packed,
                  store_paths=len(closure.paths), evaluated=len(request.packages) - len(recorded),
@@ -332,12 +370,13 @@ class ImageBuilder:
         return facts, paths
 
     def _closure(self, request: names.ImageRequest, source: sources.PackageSource, recorded: dict[str, dict],
-                 recorded_paths: dict[str, nix.StorePath], work_dir: str, seconds: dict[str, float]) -> nix.Closure:
+                 recorded_paths: dict[str, nix.StorePath], work_dir: str, seconds: dict[str, float],
+                 progress: Callable[[str], None]) -> nix.Closure:
         """The image's closure: recorded names from their facts, the others evaluated and realised (only those)."""
         unknown = [name for name in request.packages if name not in recorded]
         evaluated = None
         if unknown:
-            evaluated = nix.realise(unknown, source, request.system, self.nix_settings(), work_dir)
+            evaluated = nix.realise(unknown, source, request.system, self.nix_settings(), work_dir, on_phase=progress)
             for step, spent in evaluated.seconds.items():
                 seconds[step] = seconds.get(step, 0.0) + spent
         resolved = {name: fact["resolved"] for name, fact in recorded.items()}
@@ -360,9 +399,12 @@ class ImageBuilder:
         )
 
     def _assemble(self, request: names.ImageRequest, source: sources.PackageSource, key: str,
-                  closure: nix.Closure, recorded: dict[str, dict], work_dir: str, seconds: dict[str, float]
-                  ) -> tuple[ImageRecord, list[manifest.Layer], int]:
-        """Plan, realise what is missing, pack and store the layers, then the image; record what was evaluated."""
+                  closure: nix.Closure, recorded: dict[str, dict], work_dir: str, seconds: dict[str, float],
+                  progress: Callable[[str], None]) -> tuple[ImageRecord, list[manifest.Layer], int, list[tuple]]:
+        """Plan, realise what is missing, pack and store the layers, then the image; record what was evaluated.
+
+        Returns the record, the layers, how many were packed now, and each layer's store paths.
+        """
         plans = layers.plan_layers(closure.paths, list(closure.roots.values()), self.config.max_layers)
         customisation_root = None
         if recorded:
@@ -373,6 +415,7 @@ class ImageBuilder:
             untreed = sorted(set(closure.roots.values()) - set(trees))
             missing |= set(untreed)
             if missing:
+                progress("realising")
                 before = time.monotonic()
                 nix.realise_paths(sorted(missing), self.nix_settings(), closure.gc_root_dir)
                 seconds["substitute"] = seconds.get("substitute", 0.0) + time.monotonic() - before
@@ -380,13 +423,15 @@ class ImageBuilder:
                 trees[path] = resolution.tree_of(self._on_disk(path), max_bytes=None)
             customisation_root = resolution.make_skeleton(os.path.join(work_dir, "skeleton"), trees)
         before = time.monotonic()
-        stored = self._store_layers(plans, request, closure, customisation_root)
+        stored = self._store_layers(plans, request, closure, customisation_root, progress)
+        progress("uploading")
         image_layers = [layer for layer, _ in stored]
         packed = sum(1 for _, was_packed in stored if was_packed)
         record = self._store_image(request, source, key, image_layers, closure, customisation_root)
         seconds["pack"] = time.monotonic() - before
         self._record_resolutions(request, source, closure, set(closure.roots) - set(recorded))
-        return record, image_layers, packed
+        # The customisation layer, last, holds no store path of its own.
+        return record, image_layers, packed, [plan.paths for plan in plans] + [()]
 
     def _on_disk(self, path: str) -> str:
         return os.path.join(self.store_root, path.lstrip("/"))
@@ -433,7 +478,8 @@ class ImageBuilder:
         return f"{plan.key}:{archive.FORMATS[self.config.compression]}"
 
     def _store_layers(self, plans: list[layers.LayerPlan], request: names.ImageRequest, closure: nix.Closure,
-                      customisation_root: str | None = None) -> list[tuple[manifest.Layer, bool]]:
+                      customisation_root: str | None = None,
+                      progress: Callable[[str], None] = lambda phase: None) -> list[tuple[manifest.Layer, bool]]:
         """Every layer of the image, stored: packed and uploaded concurrently, in plan order.
 
         Up to `pack_workers` layers at once (one per CPU by default; each packer
@@ -446,7 +492,18 @@ class ImageBuilder:
             (plan.size, functools.partial(self._store_layer, plan)) for plan in plans
         ]
         jobs.append((0, functools.partial(self._customisation_layer, request, closure, customisation_root)))
-        return run_biggest_first(jobs, self.config.pack_workers or _cpus())
+        total, done, lock = len(jobs), [0], threading.Lock()
+
+        def reported(job: Callable[[], tuple[manifest.Layer, bool]]) -> tuple[manifest.Layer, bool]:
+            result = job()
+            with lock:
+                done[0] += 1
+                progress(f"packing {min(done[0] + 1, total)} of {total} layers")
+            return result
+
+        progress(f"packing 1 of {total} layers")
+        return run_biggest_first([(size, functools.partial(reported, job)) for size, job in jobs],
+                                 self.config.pack_workers or _cpus())
 
     def _store_layer(self, plan: layers.LayerPlan) -> tuple[manifest.Layer, bool]:
         compression = self.config.compression

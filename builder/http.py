@@ -7,7 +7,6 @@ or config that storage lost makes its images rebuild (docs/design.md, "Self-heal
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from .config import Config, open_cache, open_storage
 from .logs import event
 from .platforms import IndexBuilder
 from .redact import Redactor
+from .page import FrontPage
 from .storage import LocalFile, Redirect, Storage
 
 # DOTALL: a name holding an encoded control character (%0A) reaches the name check and its 400.
@@ -125,6 +125,8 @@ class Registry:
         self.manifests = ManifestMemory(config.manifest_memory_bytes)
         self.redact = Redactor.from_config(config)
         self.indexes = IndexBuilder(builder, config.platforms)
+        self.page = FrontPage(config, builder.cache, lambda: builder.resolve_source("latest"), self.redact.text,
+                              lambda digest: builder.referrers(digest), storage.read_bytes)
 
     @classmethod
     def from_config(cls, config: Config, check_storage: bool = True) -> "Registry":
@@ -162,8 +164,8 @@ class Registry:
         return response
 
     def _route(self, request: flask.Request, path: str) -> flask.Response:
-        if path == "/" and request.method in ("GET", "HEAD"):
-            return self.index()
+        if self.page.handles(path):
+            return self.page.handle(request, path)
         if not (path == "/v2" or path.startswith("/v2/")):
             raise errors.NameUnknown(f"no such endpoint: {path[:200]}")
         if request.method not in ("GET", "HEAD"):
@@ -312,33 +314,6 @@ class Registry:
         body = referrers.index(found)
         return _json(200, body, content_type=referrers.INDEX_MEDIA_TYPE,
                      **{"Docker-Content-Digest": manifest.digest_of(body)})
-
-    def index(self) -> flask.Response:
-        failures = "".join(
-            f"<li><code>{html.escape(e.image)}</code> at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(e.time))}:"
-            f"<pre>{html.escape(self.redact.text(e.message))}</pre></li>"
-            for e in reversed(self.builder.recent_errors)
-        ) or "<li>none</li>"
-        host = flask.request.host
-        body = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Nix image registry</title></head>
-<body>
-<h1>Nix image registry</h1>
-<p>This registry builds container images on demand with Nix. Every path segment of an image name is a
-package; the image holds exactly those packages.</p>
-<pre>docker pull {html.escape(host)}/shell/hello
-podman pull {html.escape(host)}/shell/hello</pre>
-<p><code>shell</code> adds bash, coreutils, moreutils and nano. Clients that accept an image index get one
-listing an image per platform ({html.escape(", ".join(self.config.platforms) or "none configured")}) and pick
-their own; a leading <code>arm64</code> asks for the aarch64-linux image alone, and a leading
-<code>nonroot</code> runs the image as user 65532 instead of root. Every image manifest has its SBOM
-(CycloneDX) as a referrer: <code>oras discover {html.escape(host)}/shell/hello</code>.
-Tags: <code>latest</code>, or a commit of the package source where it has commits.</p>
-<h2>Recent build errors on this instance</h2>
-<ul>{failures}</ul>
-</body></html>
-"""
-        return flask.Response(body, status=200, content_type="text/html; charset=utf-8")
 
 
 class RegistryPerProcess:

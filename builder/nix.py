@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     from .sources import PackageSource
@@ -504,10 +504,12 @@ def parse_path_info(text: str) -> dict[str, StorePath]:
 
 
 def realise(
-    packages: list[str], source: "PackageSource", system: str, settings: NixSettings, work_dir: str
+    packages: list[str], source: "PackageSource", system: str, settings: NixSettings, work_dir: str,
+    on_phase: Callable[[str], None] = lambda phase: None,
 ) -> Closure:
     """Resolve, build and describe the runtime closure of `packages`.
 
+    `on_phase` hears "evaluating", then "realising" once the names have resolved.
     The returned closure's paths stay alive until `gc_root_dir` is deleted.
     Raises UnknownPackages, PackageFailed, NixTimeout, NixUnavailable or NixError.
     """
@@ -517,8 +519,10 @@ def realise(
     # adds one, so no garbage collection may run in between.
     with _store_lock(settings, fcntl.LOCK_SH):
         started = time.monotonic()
+        on_phase("evaluating")
         resolved = resolve(list(packages), source, system, settings, deadline)
         evaluated = time.monotonic()
+        on_phase("realising")
         gc_root_dir = tempfile.mkdtemp(prefix="roots-", dir=work_dir)
         try:
             _realise(resolved, settings, gc_root_dir, deadline)

@@ -23,7 +23,8 @@ locals {
 }
 
 # The cache collections whose documents expire (builder/cache): built images, build
-# leases and facts (channel commits, package resolutions, closure facts). Firestore deletes a document some time (typically within a day) after its
+# leases, facts (channel commits, package resolutions, closure facts), and the front
+# page's recent images and failures. Firestore deletes a document some time (typically within a day) after its
 # expires_at passes; readers already treat expired records as absent, so this only keeps
 # the collections from growing.
 resource "google_firestore_field" "manifests_expiry" {
@@ -68,4 +69,27 @@ resource "google_firestore_field" "facts_expiry" {
   ttl_config {}
 
   depends_on = [google_firestore_field.builds_expiry]
+}
+
+# The front page's listings (builder/page.py): recent images and recent failures.
+resource "google_firestore_field" "recent_images_expiry" {
+  project    = var.project
+  database   = local.firestore_database
+  collection = "${var.firestore_collection_prefix}recent-images"
+  field      = "expires_at"
+
+  ttl_config {}
+
+  depends_on = [google_firestore_field.facts_expiry]
+}
+
+resource "google_firestore_field" "recent_failures_expiry" {
+  project    = var.project
+  database   = local.firestore_database
+  collection = "${var.firestore_collection_prefix}recent-failures"
+  field      = "expires_at"
+
+  ttl_config {}
+
+  depends_on = [google_firestore_field.recent_images_expiry]
 }

@@ -279,7 +279,7 @@ variable "firestore_deletion_policy" {
 }
 
 variable "firestore_collection_prefix" {
-  description = "FIRESTORE_COLLECTION_PREFIX: the cache's collections are <prefix>manifests, <prefix>layers and <prefix>builds."
+  description = "FIRESTORE_COLLECTION_PREFIX: the cache's collections are <prefix>manifests, <prefix>layers, <prefix>builds, <prefix>facts, <prefix>recent-images and <prefix>recent-failures."
   type        = string
   default     = "nixery-"
 }

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
+from builder.cache import (BuildLease, BuildProgress, BuiltImage, BuiltLayer, Fact, FailedBuild, ImageRecord,
+                           LayerRecord, ManifestRef)
 from builder.cache.memory import MemoryCache
 
 NOW = 1_700_000_000.0
@@ -412,6 +413,30 @@ class CountingCache:
         for key, value in facts.items():
             self.facts[(kind, key)] = Fact(value, expires_at)
 
+    def record_image(self, image):
+        self._called("record_image")
+
+    def recent_images(self, now, limit):
+        self._called("recent_images")
+        return []
+
+    def built_image(self, digest, now):
+        self._called("built_image")
+
+    def record_failure(self, failure):
+        self._called("record_failure")
+
+    def recent_failures(self, now, limit):
+        self._called("recent_failures")
+        return []
+
+    def report_build(self, key, holder, progress):
+        self._called("report_build")
+
+    def builds_in_progress(self, now, limit):
+        self._called("builds_in_progress")
+        return []
+
 
 def test_memory_serves_hits_without_asking_inner():
     inner = CountingCache()
@@ -518,3 +543,127 @@ def test_memory_drops_what_inner_drops():
     assert memory.drop_images_with_blob(BLOB_X) == ["a", "b"]
     memory.drop_image("c")
     assert inner.calls[-1] == "drop_image"
+
+
+def test_memory_delegates_front_page_records_and_listings():
+    inner = CountingCache()
+    memory = MemoryCache(inner, max_entries=10)
+    for _ in range(2):
+        memory.record_image(built(1))
+        memory.recent_images(NOW, 10)
+        memory.built_image(built(1).digest, NOW)
+        memory.record_failure(failure("x"))
+        memory.recent_failures(NOW, 10)
+        memory.report_build("k", "h", progress("k"))
+        memory.builds_in_progress(NOW, 10)
+    assert inner.calls == ["record_image", "recent_images", "built_image", "record_failure", "recent_failures",
+                           "report_build", "builds_in_progress"] * 2
+
+
+# -- the front page: recent images and failures --------------------------------------
+
+
+def built(i: int, finished: float = NOW, expires_at: float = NOW + 3600, name: str = "shell/hello") -> BuiltImage:
+    digest = "sha256:" + f"{i:064x}"
+    return BuiltImage(
+        key=f'["amd64",["hello","p{i}"],"demo"]', name=name, tag="latest", architecture="amd64", source="demo:abc",
+        manifests=(ManifestRef(digest, 700 + i, DOCKER), ManifestRef("sha256:" + f"{i:063x}f", 650, OCI)),
+        size=123_456 + i, layer_count=3, build_seconds=1.25, finished=finished, expires_at=expires_at,
+        layers=(
+            BuiltLayer("sha256:" + "1" * 64, 1000, ("/nix/store/aaa-busybox-1.35.0",)),
+            BuiltLayer("sha256:" + "2" * 64, 2000, ("/nix/store/bbb-hello", "/nix/store/ccc-libgreeting-1.0")),
+            BuiltLayer("sha256:" + "3" * 64, 300, ()),
+        ),
+    )
+
+
+def failure(key: str, finished: float = NOW, expires_at: float = NOW + 3600, message: str = "unknown package: nope") -> FailedBuild:
+    return FailedBuild(key=key, name=key.lower(), tag="latest", architecture="amd64", code="MANIFEST_UNKNOWN",
+                       message=message, finished=finished, expires_at=expires_at)
+
+
+def test_built_image_reads_back_with_its_layers_by_first_manifest_digest(cache):
+    image = built(1)
+    cache.record_image(image)
+    assert cache.built_image(image.digest, NOW) == image
+    assert cache.built_image(image.manifests[1].digest, NOW) is None
+    assert cache.built_image("sha256:" + "f" * 64, NOW) is None
+    assert cache.built_image(image.digest, image.expires_at) is None
+
+
+def test_recent_images_are_the_newest_unexpired_without_layers(cache):
+    for i in range(8):
+        cache.record_image(built(i, finished=NOW + i, expires_at=NOW + 100 + (i == 6) * -90))
+    listed = cache.recent_images(NOW + 50, 4)
+    # Newest first; number 6 expired at NOW + 10, so a listing of 4 holds at most 4 and never it.
+    assert [image.finished for image in listed] in ([NOW + 7, NOW + 5, NOW + 4, NOW + 3], [NOW + 7, NOW + 5, NOW + 4])
+    assert all(image.layers == () for image in listed)
+    assert listed[0] == dataclasses.replace(built(7, finished=NOW + 7, expires_at=NOW + 100), layers=())
+    assert cache.recent_images(NOW + 200, 4) == []
+
+
+def test_recent_images_are_bounded_by_the_limit(cache):
+    for i in range(30):
+        cache.record_image(built(i, finished=NOW + i))
+    assert [image.finished for image in cache.recent_images(NOW, 5)] == [NOW + i for i in (29, 28, 27, 26, 25)]
+
+
+def test_recent_failures_keep_the_latest_per_key_newest_first_until_they_expire(cache):
+    cache.record_failure(failure("a", finished=NOW, message="first"))
+    cache.record_failure(failure("b", finished=NOW + 1, expires_at=NOW + 20))
+    cache.record_failure(failure("a", finished=NOW + 2, message="second"))
+    assert [(f.key, f.message) for f in cache.recent_failures(NOW + 3, 10)] == [("a", "second"), ("b", "unknown package: nope")]
+    assert cache.recent_failures(NOW + 3, 10)[0] == failure("a", finished=NOW + 2, message="second")
+    assert [f.key for f in cache.recent_failures(NOW + 3, 1)] == ["a"]
+    assert [f.key for f in cache.recent_failures(NOW + 30, 10)] == ["a"]
+
+
+def test_front_page_records_keep_markup_and_unicode_verbatim(cache):
+    message = "error: <script>alert('x')</script> & \"quotes\" \u2014 caf\u00e9\n  at line 2"
+    cache.record_failure(failure("<b>k</b>", message=message))
+    assert cache.recent_failures(NOW, 10)[0].message == message
+    image = built(3, name="<img src=x onerror=alert(1)>")
+    cache.record_image(image)
+    assert cache.recent_images(NOW, 10)[0].name == image.name
+
+
+# -- the front page: builds in progress, recorded in their leases -------------------------
+
+
+def progress(key: str, phase: str = "evaluating", started: float = NOW) -> BuildProgress:
+    return BuildProgress(key=key, name=f"shell/{key}", tag="latest", architecture="arm64", started=started, phase=phase)
+
+
+def test_holder_reports_progress_and_listing_shows_live_builds_oldest_first(cache):
+    assert cache.builds_in_progress(NOW, 10) == []
+    cache.claim_build("git", "a", NOW + 60, NOW)
+    cache.claim_build("htop", "b", NOW + 60, NOW)
+    assert cache.builds_in_progress(NOW, 10) == []  # claimed, nothing reported yet
+    cache.report_build("git", "a", progress("git", "realising", started=NOW + 2))
+    cache.report_build("htop", "b", progress("htop", "evaluating", started=NOW + 1))
+    cache.report_build("git", "a", progress("git", "packing 3 of 12 layers", started=NOW + 2))
+    assert cache.builds_in_progress(NOW + 5, 10) == [progress("htop", "evaluating", NOW + 1),
+                                                    progress("git", "packing 3 of 12 layers", NOW + 2)]
+    assert len(cache.builds_in_progress(NOW + 5, 1)) == 1
+    assert cache.builds_in_progress(NOW + 60, 10) == []  # both leases lapsed: their holders died
+
+
+def test_only_the_holder_reports_progress(cache):
+    cache.claim_build("git", "a", NOW + 60, NOW)
+    cache.report_build("git", "intruder", progress("git", "uploading"))
+    cache.report_build("nothing-here", "a", progress("nothing-here"))
+    assert cache.builds_in_progress(NOW, 10) == []
+    assert cache.get_build("nothing-here") is None
+
+
+def test_finished_failed_and_taken_over_builds_leave_the_listing(cache):
+    for key in ("ok", "broken", "stalled"):
+        cache.claim_build(key, "a", NOW + 60, NOW)
+        cache.report_build(key, "a", progress(key, "realising"))
+    cache.finish_build("ok", "a", None, NOW)
+    cache.finish_build("broken", "a", {"message": "no"}, NOW + 600)
+    cache.report_build("broken", "a", progress("broken", "uploading"))  # too late: the failure stays as it is
+    assert [b.key for b in cache.builds_in_progress(NOW + 1, 10)] == ["stalled"]
+    cache.claim_build("stalled", "b", NOW + 200, NOW + 61)  # "a" counted as dead
+    assert cache.builds_in_progress(NOW + 62, 10) == []  # "b" has said nothing yet
+    assert cache.get_build("broken").error == {"message": "no"}

@@ -30,15 +30,18 @@ def request(name: str = "hello") -> names.ImageRequest:
 class FakeBuilds:
     """Stands in for `ImageBuilder._build`: counts calls, takes `seconds`, may fail."""
 
-    def __init__(self, seconds: float = 0.0, fail_with: errors.RegistryError | None = None):
+    def __init__(self, seconds: float = 0.0, fail_with: errors.RegistryError | None = None, phase: str = ""):
         self.seconds = seconds
         self.fail_with = fail_with
+        self.phase = phase  # reported as the build starts
         self.calls = 0
         self.running = 0
         self.most_at_once = 0
         self._lock = threading.Lock()
 
-    def __call__(self, builder: ImageBuilder, request, source, key) -> ImageRecord:
+    def __call__(self, builder: ImageBuilder, request, tag, source, key, progress) -> ImageRecord:
+        if self.phase:
+            progress(self.phase)
         with self._lock:
             self.calls += 1
             self.running += 1
@@ -91,6 +94,23 @@ def test_a_build_longer_than_its_lease_keeps_it_by_heartbeat(make_builder):
         two = pool.submit(second.image, request(), "latest")
         assert one.result(10) == two.result(10)
     assert builds.calls == 1
+
+
+def test_a_builds_phase_is_in_its_lease_for_every_instance_until_it_ends(make_builder):
+    builds = FakeBuilds(seconds=LEASE * 3, phase="realising")
+    building, watching = make_builder(builds), make_builder(builds)
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(building.image, request("shell/hello"), "latest")
+        deadline = time.monotonic() + 5
+        while not (seen := watching.cache.builds_in_progress(time.time(), 10)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [progress] = seen
+        assert (progress.name, progress.tag, progress.architecture, progress.phase) == (
+            "shell/hello", "latest", "amd64", "realising")
+        time.sleep(LEASE * 1.5)  # renewed by the heartbeat meanwhile: still listed
+        assert [p.phase for p in watching.cache.builds_in_progress(time.time(), 10)] == ["realising"]
+        done.result(10)
+    assert watching.cache.builds_in_progress(time.time(), 10) == []
 
 
 def test_a_dead_holders_lease_is_taken_over_within_one_lease(make_builder, tmp_path):

@@ -5,7 +5,6 @@ method / URL / headers -> status / error code, then the rules no row can show.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from builder import errors, manifest
 from builder.cache import ImageRecord, ManifestRef
+from builder.cache.sqlite import SqliteCache
 from builder.config import Config
 from builder.http import ManifestMemory, Registry
 from builder.storage.filesystem import FilesystemStorage
@@ -32,13 +32,13 @@ UNKNOWN = "sha256:" + "0" * 64
 class StandInBuilder:
     """Builds an image by storing its config and manifests; counts builds; records what it forgets."""
 
-    def __init__(self, storage: FilesystemStorage):
+    def __init__(self, storage: FilesystemStorage, cache: SqliteCache):
         self.storage = storage
+        self.cache = cache  # what the front page reads
         self.records: dict[str, ImageRecord] = {}
         self.builds: list[str] = []
         self.forgotten_images: list[str] = []
         self.forgotten_blobs: list[str] = []
-        self.recent_errors: collections.deque = collections.deque(maxlen=20)
         self.fault: BaseException | None = None
 
     def image(self, request, tag: str) -> ImageRecord:
@@ -95,7 +95,7 @@ def app(tmp_path_factory):
 def stand_in(app, tmp_path):
     storage = FilesystemStorage(str(tmp_path / "storage"))
     storage.check()
-    builder = StandInBuilder(storage)
+    builder = StandInBuilder(storage, SqliteCache(str(tmp_path / "cache.sqlite")))
     config = Config.from_env({"STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_PKGS_PATH": str(REPO / "nix" / "demo")})
     sys.modules["main"]._registry = OneRegistry(Registry(config, storage, builder))
     with storage.upload() as upload:
@@ -146,6 +146,14 @@ ROWS = [
     ("GET", "/v2/hello/tags/list?n=10001", {}, 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/hello/tags/list?n=" + "9" * 40, {}, 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/hello/tags/list?n=", {}, 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/", {}, 200, None),
+    ("HEAD", "/", {}, 200, None),
+    ("GET", "/status.json", {}, 200, None),
+    ("GET", f"/images/{UNKNOWN}", {}, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/images/sha256:1234", {}, 400, "DIGEST_INVALID"),
+    ("GET", "/images/%0A", {}, 400, "DIGEST_INVALID"),
+    ("POST", "/", {}, 405, "UNSUPPORTED"),
+    ("DELETE", "/status.json", {}, 405, "UNSUPPORTED"),
     ("POST", "/v2/", {}, 405, "UNSUPPORTED"),
     ("PUT", "/v2/hello/manifests/latest", {}, 405, "UNSUPPORTED"),
     ("DELETE", f"/v2/hello/blobs/{LAYER_DIGEST}", {}, 405, "UNSUPPORTED"),

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import hcl2
 import pytest
 
-from builder.cache import BuildLease, LayerRecord, Fact, ImageRecord
+from builder.cache import BuildLease, BuiltImage, Fact, FailedBuild, ImageRecord, LayerRecord
 from builder.config import SETTINGS, Config
 
 pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
@@ -210,7 +210,8 @@ def test_ttl_policies_match_the_cache_records():
     fields = resources("google_firestore_field")
     expiring = {body["collection"]: body for body in fields.values() if "ttl_config" in body}
     prefix = "${var.firestore_collection_prefix}"
-    assert set(expiring) == {prefix + "manifests", prefix + "builds", prefix + "facts", prefix + "layers"}
+    assert set(expiring) == {prefix + c for c in ("manifests", "builds", "facts", "layers", "recent-images",
+                                                  "recent-failures")}
     for body in expiring.values():
         assert body["field"] == "expires_at"
         assert body["database"] == "${local.firestore_database}"
@@ -219,6 +220,8 @@ def test_ttl_policies_match_the_cache_records():
     assert "expires_at" in {f.name for f in dataclasses.fields(BuildLease)}
     assert "expires_at" in {f.name for f in dataclasses.fields(Fact)}
     assert "expires_at" in {f.name for f in dataclasses.fields(LayerRecord)}
+    assert "expires_at" in {f.name for f in dataclasses.fields(BuiltImage)}
+    assert "expires_at" in {f.name for f in dataclasses.fields(FailedBuild)}
     assert variables()["firestore_collection_prefix"]["default"] == Config.firestore_prefix
     assert environment()["FIRESTORE_COLLECTION_PREFIX"] == "${var.firestore_collection_prefix}"
 
@@ -228,7 +231,7 @@ def test_firestore_backend_uses_these_collections():
     if not path.exists():
         pytest.skip("builder/cache/firestore.py is not written yet")
     strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    assert {"manifests", "builds", "facts", "expires_at"} <= strings
+    assert {"manifests", "builds", "facts", "recent-images", "recent-failures", "expires_at"} <= strings
 
 
 def test_firestore_database_is_native_mode():

@@ -1,4 +1,4 @@
-"""The build cache: images built recently, layers already stored, build leases, facts.
+"""The build cache: built images, stored layers, build leases, facts, and the front page's records.
 
 A backend offers exactly this interface; `open_cache` (in `builder/config.py`) picks one.
 The cache is an optimisation: callers treat a failing backend as a miss and build anyway.
@@ -81,6 +81,67 @@ class Fact:
     expires_at: float  # unix seconds; readers treat an expired fact as absent
 
 
+@dataclass(frozen=True)
+class BuiltLayer:
+    """One layer of a built image, as its image page lists it."""
+
+    digest: str
+    size: int  # bytes of the blob as served
+    paths: tuple[str, ...]  # store paths it holds; empty for the customisation layer
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """A finished build, for the front page: which name, what it made, how long it took.
+
+    One per image manifest: `manifests[0].digest` identifies it. Listings
+    (`recent_images`) leave `layers` empty; `built_image` fills it.
+    """
+
+    key: str  # the image's cache key (ImageRecord.key)
+    name: str  # the repository name the client asked for
+    tag: str
+    architecture: str
+    source: str  # resolved package-source identity
+    manifests: tuple[ManifestRef, ...]
+    size: int  # bytes of config and layers
+    layer_count: int
+    build_seconds: float
+    finished: float  # unix seconds
+    expires_at: float  # unix seconds; gone from listings after this
+    layers: tuple[BuiltLayer, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        return self.manifests[0].digest
+
+
+@dataclass(frozen=True)
+class FailedBuild:
+    """A build that failed, for the front page; one per image key (the latest failure)."""
+
+    key: str
+    name: str
+    tag: str
+    architecture: str
+    code: str  # the registry error code the client got
+    message: str  # Nix's words, as the client got them (untrusted text: escape it)
+    finished: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """Where a build in progress is, for the front page: recorded in its lease by the holder."""
+
+    key: str
+    name: str
+    tag: str
+    architecture: str
+    started: float  # unix seconds
+    phase: str  # evaluating | realising | packing N of M layers | uploading
+
+
 class Cache(Protocol):
     def get_image(self, key: str, now: float) -> ImageRecord | None: ...
 
@@ -127,4 +188,32 @@ class Cache(Protocol):
 
     def put_facts(self, kind: str, facts: Mapping[str, dict], expires_at: float) -> None:
         """Write (or replace) facts of `kind`, each a JSON-serialisable dict, live until `expires_at`."""
+        ...
+
+    # -- the front page: bounded listings, newest first, never a scan ----------------
+
+    def record_image(self, image: BuiltImage) -> None: ...
+
+    def recent_images(self, now: float, limit: int) -> list[BuiltImage]:
+        """Up to `limit` unexpired built images, newest first, without their `layers`: one query."""
+        ...
+
+    def built_image(self, digest: str, now: float) -> BuiltImage | None:
+        """The unexpired built image whose first manifest is `digest`, with its layers."""
+        ...
+
+    def record_failure(self, failure: FailedBuild) -> None:
+        """Remember a failure until its `expires_at`; replaces the previous one of its key."""
+        ...
+
+    def recent_failures(self, now: float, limit: int) -> list[FailedBuild]:
+        """Up to `limit` unexpired failures, newest first: one query."""
+        ...
+
+    def report_build(self, key: str, holder: str, progress: BuildProgress) -> None:
+        """Record `progress` in the lease of `key` if `holder` holds it; otherwise change nothing."""
+        ...
+
+    def builds_in_progress(self, now: float, limit: int) -> list[BuildProgress]:
+        """Up to `limit` builds whose live lease carries progress (no failures): one query."""
         ...

@@ -1,9 +1,9 @@
 """The shared cache for deployments: Firestore (native mode), one database for all instances.
 
-Collections `<prefix>manifests`, `layers`, `builds` and `facts`; document IDs are the SHA-256
-of the key, which each document also keeps and every read compares. Expired documents are
-ignored before the TTL policy deletes them. No call hangs: after a failure Firestore is skipped
-for a cool-down and `FirestoreUnavailable` (a cache miss to callers) is raised. Why: docs/design.md.
+Collections `<prefix>manifests`, `layers`, `builds`, `facts`, `recent-images`, `recent-failures`;
+document IDs are the SHA-256 of the key, which each document also keeps and every read compares.
+Expired documents are ignored before the TTL policy deletes them. No call hangs: after a failure
+Firestore is skipped for a cool-down and `FirestoreUnavailable` (a miss to callers) is raised.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, if_transient_error
 
 from ..errors import Unavailable
-from . import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
+from . import (BuildLease, BuildProgress, BuiltImage, BuiltLayer, Fact, FailedBuild, ImageRecord, LayerRecord,
+               ManifestRef)
 
 DEFAULT_TIMEOUT = 3.0  # seconds per RPC, retries included; a cold connection takes over 1 s
 DEFAULT_COOLDOWN = 5.0  # seconds without Firestore calls after one failed to reach it
@@ -83,6 +84,8 @@ class FirestoreCache:
         self._layers = client.collection(f"{prefix}layers")
         self._builds = client.collection(f"{prefix}builds")
         self._facts = client.collection(f"{prefix}facts")
+        self._recent_images = client.collection(f"{prefix}recent-images")
+        self._recent_failures = client.collection(f"{prefix}recent-failures")
 
     @classmethod
     def from_config(cls, config: Any) -> "FirestoreCache":
@@ -241,6 +244,7 @@ class FirestoreCache:
             "expires_at": _timestamp(expires_at),
             "expires_at_unix": float(expires_at),
             "error": None,
+            "progress": None,  # a taken-over lease starts without its old holder's progress
         }
         ours = BuildLease(key, holder, expires_at, None)
         for _ in range(_CLAIM_ATTEMPTS):
@@ -341,6 +345,84 @@ class FirestoreCache:
             error=json.loads(raw_error) if raw_error else None,
         )
 
+    # -- the front page ---------------------------------------------------------------
+    # A listing is one query (one RunQuery round trip): newest `limit` documents by
+    # `finished` (a single-field index Firestore keeps by default), expired ones dropped
+    # here. Image listings project away the layers, which can hold thousands of paths.
+
+    def record_image(self, image: BuiltImage) -> None:
+        document = {f: getattr(image, f) for f in _IMAGE_FIELDS}
+        document.update(
+            digest=image.digest,
+            manifests=[{"digest": m.digest, "size": m.size, "media_type": m.media_type} for m in image.manifests],
+            expires_at=_timestamp(image.expires_at),
+            expires_at_unix=float(image.expires_at),
+            layers=[{"digest": l.digest, "size": l.size, "paths": list(l.paths)} for l in image.layers],
+        )
+        ref = self._recent_images.document(doc_id(image.digest))
+        self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
+
+    def recent_images(self, now: float, limit: int) -> list[BuiltImage]:
+        fields = [*_IMAGE_FIELDS, "manifests", "expires_at", "expires_at_unix"]
+        found = self._newest(self._recent_images, limit, fields)
+        return [image for data in found if (image := self._decode(lambda: _built_image(data, now, False), "recent"))]
+
+    def built_image(self, digest: str, now: float) -> BuiltImage | None:
+        snapshot = self._snapshot(self._recent_images.document(doc_id(digest)))
+        data = snapshot.to_dict() if snapshot.exists else None
+        if not data or data.get("digest") != digest:
+            return None
+        return self._decode(lambda: _built_image(data, now, True), digest)
+
+    def record_failure(self, failure: FailedBuild) -> None:
+        document = {**failure.__dict__, "expires_at": _timestamp(failure.expires_at),
+                    "expires_at_unix": float(failure.expires_at)}
+        ref = self._recent_failures.document(doc_id(failure.key))
+        self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
+
+    def recent_failures(self, now: float, limit: int) -> list[FailedBuild]:
+        failures = []
+        for data in self._newest(self._recent_failures, limit):
+            expires_at = self._decode(lambda: _unix(data), "recent failure")
+            if expires_at > now:
+                failures.append(self._decode(lambda: FailedBuild(
+                    **{f: data[f] for f in _FAILURE_FIELDS}, expires_at=expires_at), "recent failure"))
+        return failures
+
+    def report_build(self, key: str, holder: str, progress: BuildProgress) -> None:
+        ref = self._builds.document(doc_id(key))
+        snapshot = self._snapshot(ref)
+        data = snapshot.to_dict() if snapshot.exists else None
+        if not data or data.get("holder") != holder or data.get("key") != key or data.get("error"):
+            return
+        option = self._client.write_option(last_update_time=snapshot.update_time)
+        try:
+            self._call(lambda: ref.update({"progress": progress.__dict__}, option=option, timeout=self._timeout,
+                                          retry=self._retry), expected=_LOST_RACE)
+        except _LOST_RACE:
+            pass  # renewed, released or taken over meanwhile: the next report says where the build is
+
+    def builds_in_progress(self, now: float, limit: int) -> list[BuildProgress]:
+        from google.cloud.firestore import FieldFilter
+
+        query = (self._builds.where(filter=FieldFilter("expires_at", ">", _timestamp(now))).order_by("expires_at")
+                 .select(["expires_at", "expires_at_unix", "error", "progress"]).limit(limit))
+        found = self._call(lambda: [s.to_dict() for s in query.stream(timeout=self._timeout, retry=self._retry)])
+        builds = []
+        for data in found:
+            progress = data.get("progress")
+            if progress and not data.get("error") and self._decode(lambda: _unix(data), "lease") > now:
+                builds.append(self._decode(lambda: BuildProgress(**progress), "lease"))
+        return sorted(builds, key=lambda b: b.started)
+
+    def _newest(self, collection: Any, limit: int, fields: list[str] | None = None) -> list[dict[str, Any]]:
+        from google.cloud.firestore import Query
+
+        query = collection.order_by("finished", direction=Query.DESCENDING).limit(limit)
+        if fields is not None:
+            query = query.select(fields)
+        return self._call(lambda: [s.to_dict() for s in query.stream(timeout=self._timeout, retry=self._retry)])
+
     # -- plumbing -----------------------------------------------------------------
 
     def _call(self, fn: Callable[[], T], expected: tuple[type[Exception], ...] = ()) -> T:
@@ -373,3 +455,20 @@ class FirestoreCache:
             return fn()
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FirestoreUnavailable(f"build cache unavailable: unreadable record for {key!r}: {exc!r}") from exc
+
+
+_IMAGE_FIELDS = ("key", "name", "tag", "architecture", "source", "size", "layer_count", "build_seconds", "finished")
+_FAILURE_FIELDS = ("key", "name", "tag", "architecture", "code", "message", "finished")
+
+
+def _built_image(data: dict[str, Any], now: float, with_layers: bool) -> BuiltImage | None:
+    expires_at = _unix(data)
+    if expires_at <= now:
+        return None
+    return BuiltImage(
+        **{f: data[f] for f in _IMAGE_FIELDS},
+        manifests=tuple(ManifestRef(m["digest"], int(m["size"]), m["media_type"]) for m in data["manifests"]),
+        expires_at=expires_at,
+        layers=tuple(BuiltLayer(l["digest"], int(l["size"]), tuple(l["paths"])) for l in data["layers"])
+        if with_layers else (),
+    )

@@ -2,7 +2,8 @@
 
 Image and layer records never change once written, so they are kept until the image record's
 `expires_at` (layer records: their own) without asking the shared cache again; facts until their own expiry. Misses are
-not remembered (another instance may build a moment later) and build leases always go through.
+not remembered (another instance may build a moment later) and build leases and the
+front page's listings always go through.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from collections import OrderedDict
 from typing import Generic, Mapping, Sequence, TypeVar
 
-from . import BuildLease, Cache, Fact, ImageRecord, LayerRecord
+from . import BuildLease, BuildProgress, BuiltImage, Cache, Fact, FailedBuild, ImageRecord, LayerRecord
 
 V = TypeVar("V")
 
@@ -138,3 +139,24 @@ class MemoryCache:
         for key, value in facts.items():
             self._facts.put(f"{kind}\0{key}", Fact(value, expires_at))
         self.inner.put_facts(kind, facts, expires_at)
+
+    def record_image(self, image: BuiltImage) -> None:
+        self.inner.record_image(image)
+
+    def recent_images(self, now: float, limit: int) -> list[BuiltImage]:
+        return self.inner.recent_images(now, limit)
+
+    def built_image(self, digest: str, now: float) -> BuiltImage | None:
+        return self.inner.built_image(digest, now)
+
+    def record_failure(self, failure: FailedBuild) -> None:
+        self.inner.record_failure(failure)
+
+    def recent_failures(self, now: float, limit: int) -> list[FailedBuild]:
+        return self.inner.recent_failures(now, limit)
+
+    def report_build(self, key: str, holder: str, progress: BuildProgress) -> None:
+        self.inner.report_build(key, holder, progress)
+
+    def builds_in_progress(self, now: float, limit: int) -> list[BuildProgress]:
+        return self.inner.builds_in_progress(now, limit)

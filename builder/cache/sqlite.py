@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from ..logs import event
-from . import BuildLease, Fact, ImageRecord, LayerRecord, ManifestRef
+from . import (BuildLease, BuildProgress, BuiltImage, BuiltLayer, Fact, FailedBuild, ImageRecord, LayerRecord,
+               ManifestRef)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL);
@@ -26,6 +27,15 @@ CREATE TABLE IF NOT EXISTS builds (key TEXT PRIMARY KEY, holder TEXT NOT NULL, e
 CREATE TABLE IF NOT EXISTS facts (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL NOT NULL,
                                   PRIMARY KEY (kind, key));
 CREATE TABLE IF NOT EXISTS image_blobs (digest TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (digest, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS builds_expires ON builds (expires_at);
+CREATE TABLE IF NOT EXISTS recent_images (digest TEXT PRIMARY KEY, finished REAL NOT NULL, expires_at REAL NOT NULL,
+                                          summary TEXT NOT NULL, layers TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS recent_images_finished ON recent_images (finished);
+CREATE INDEX IF NOT EXISTS recent_images_expires ON recent_images (expires_at);
+CREATE TABLE IF NOT EXISTS recent_failures (key TEXT PRIMARY KEY, finished REAL NOT NULL, expires_at REAL NOT NULL,
+                                            record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS recent_failures_finished ON recent_failures (finished);
+CREATE INDEX IF NOT EXISTS recent_failures_expires ON recent_failures (expires_at);
 """
 
 
@@ -44,6 +54,9 @@ def _connect(path: str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        # A build's progress lives in its lease row; files made before it existed gain the column.
+        if "progress" not in {row[1] for row in db.execute("PRAGMA table_info(builds)")}:
+            db.execute("ALTER TABLE builds ADD COLUMN progress TEXT")
         verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         if verdict != "ok":
             error = sqlite3.DatabaseError(f"quick_check: {verdict}")
@@ -225,3 +238,77 @@ class SqliteCache:
                 )
             finally:
                 self._db.execute("COMMIT")
+
+    # -- the front page ----------------------------------------------------------------
+    # Listings walk the `finished` index from the newest row and stop at `limit`; expired
+    # rows are deleted whenever a row of their table is written, so they never pile up.
+
+    def record_image(self, image: BuiltImage) -> None:
+        summary = {f: getattr(image, f) for f in _IMAGE_FIELDS}
+        summary["manifests"] = [m.__dict__ for m in image.manifests]
+        layers = [{"digest": l.digest, "size": l.size, "paths": list(l.paths)} for l in image.layers]
+        with self._guarded():
+            self._db.execute("DELETE FROM recent_images WHERE expires_at <= ?", (image.finished,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO recent_images (digest, finished, expires_at, summary, layers)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (image.digest, image.finished, image.expires_at, json.dumps(summary), json.dumps(layers)),
+            )
+
+    def recent_images(self, now: float, limit: int) -> list[BuiltImage]:
+        with self._guarded():
+            rows = self._db.execute(
+                "SELECT summary FROM recent_images INDEXED BY recent_images_finished"
+                " WHERE expires_at > ? ORDER BY finished DESC LIMIT ?", (now, limit)
+            ).fetchall()
+        return [_built_image(json.loads(summary), []) for (summary,) in rows]
+
+    def built_image(self, digest: str, now: float) -> BuiltImage | None:
+        with self._guarded():
+            row = self._db.execute(
+                "SELECT summary, layers FROM recent_images WHERE digest = ? AND expires_at > ?", (digest, now)
+            ).fetchone()
+        return _built_image(json.loads(row[0]), json.loads(row[1])) if row else None
+
+    def record_failure(self, failure: FailedBuild) -> None:
+        with self._guarded():
+            self._db.execute("DELETE FROM recent_failures WHERE expires_at <= ?", (failure.finished,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO recent_failures (key, finished, expires_at, record) VALUES (?, ?, ?, ?)",
+                (failure.key, failure.finished, failure.expires_at, json.dumps(failure.__dict__)),
+            )
+
+    def recent_failures(self, now: float, limit: int) -> list[FailedBuild]:
+        with self._guarded():
+            rows = self._db.execute(
+                "SELECT record FROM recent_failures INDEXED BY recent_failures_finished"
+                " WHERE expires_at > ? ORDER BY finished DESC LIMIT ?", (now, limit)
+            ).fetchall()
+        return [FailedBuild(**json.loads(record)) for (record,) in rows]
+
+    def report_build(self, key: str, holder: str, progress: BuildProgress) -> None:
+        with self._guarded():
+            self._db.execute(
+                "UPDATE builds SET progress = ? WHERE key = ? AND holder = ? AND error IS NULL",
+                (json.dumps(progress.__dict__), key, holder),
+            )
+
+    def builds_in_progress(self, now: float, limit: int) -> list[BuildProgress]:
+        with self._guarded():
+            rows = self._db.execute(
+                "SELECT progress FROM builds WHERE expires_at > ? AND error IS NULL AND progress IS NOT NULL LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return sorted((BuildProgress(**json.loads(p)) for (p,) in rows), key=lambda b: b.started)
+
+
+_IMAGE_FIELDS = ("key", "name", "tag", "architecture", "source", "size", "layer_count", "build_seconds", "finished",
+                 "expires_at")
+
+
+def _built_image(summary: dict, layers: list[dict]) -> BuiltImage:
+    return BuiltImage(
+        **{f: summary[f] for f in _IMAGE_FIELDS},
+        manifests=tuple(ManifestRef(**m) for m in summary["manifests"]),
+        layers=tuple(BuiltLayer(l["digest"], l["size"], tuple(l["paths"])) for l in layers),
+    )

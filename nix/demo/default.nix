@@ -278,6 +278,8 @@ in
   inherit libgreeting hello goodbye tools helloWorld _7zip demoPackages;
   inherit bigPackage benchGiant cpuid failsToBuild neverFinishes;
   failsToEvaluate = throw "failsToEvaluate: this package cannot be evaluated (demo)";
+  # Its message holds markup, for the front page's escaping tests.
+  failsWithMarkup = throw "failsWithMarkup: <script>document.title='injected'</script> <b>not bold</b> & <i>done</i>";
 }
 # pname, version and meta as nixpkgs has them (hello and goodbye have theirs
 # above). bigPackage and the nested demoPackages have none, like a package
