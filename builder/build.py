@@ -24,6 +24,8 @@ from .cache import BuildProgress, BuiltImage, BuiltLayer, Cache, FailedBuild, Im
 from .config import Config
 from .storage import Storage
 
+# How long a channel's or branch's last known commit may stand in when it cannot be asked.
+REVISION_STALE_SECONDS = 7 * 24 * 3600
 CUSTOMISATION_FORMAT = "customisation-v2"  # v2: users, groups, nsswitch.conf
 # How long the front page lists a failed build (retries are governed by FAILURE_TTL).
 FAILURE_LISTED_SECONDS = 24 * 3600
@@ -162,13 +164,27 @@ class ImageBuilder:
         )
 
     def _remember_revision(self, key: str, lookup: Callable[[], dict]) -> dict:
-        """One instance asks where a channel or branch is; the others take its answer for REVISION_TTL."""
-        now = time.time()
-        found = self._cache_call("revision read", self.cache.get_facts, "revision", [key], now, default={})
+        """One instance asks where a channel or branch is; the others take its answer for REVISION_TTL.
+
+        The last answer is also kept for REVISION_STALE_SECONDS and served, with a warning, while
+        the channel or repository cannot be reached, so images built from it stay pullable.
+        """
+        now, stale_key = time.time(), f"last:{key}"
+        found = self._cache_call("revision read", self.cache.get_facts, "revision", [key, stale_key], now,
+                                 default={})
         if key in found:
             return found[key].value
-        value = lookup()
+        try:
+            value = lookup()
+        except errors.ServerError as e:
+            if stale_key not in found:
+                raise
+            self.log("revision-stale", f"cannot resolve {key} now; using the commit found before: {e.message}",
+                     severity="WARNING", key=key, error=e.message)
+            return found[stale_key].value
         self._cache_call("revision write", self.cache.put_facts, "revision", {key: value}, now + self.config.revision_ttl)
+        self._cache_call("revision write", self.cache.put_facts, "revision", {stale_key: value},
+                         now + REVISION_STALE_SECONDS)
         return value
 
     def image(self, request: names.ImageRequest, tag: str) -> ImageRecord:

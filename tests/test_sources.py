@@ -208,3 +208,22 @@ def test_realise_through_tarball_channel(tmp_path):
     assert source.to_nix() == {"kind": "channel", "url": f"file://{tarball}"}
     closure = nix.realise(["hello"], source, SYSTEM, NixSettings(timeout=300), str(tmp_path / "work"))
     assert closure.roots["hello"].endswith("-hello-2.12.1")
+
+
+def test_a_channel_that_cannot_be_reached_is_served_at_its_last_known_commit(tmp_path):
+    url = channel_dir(tmp_path, nixos_unstable=COMMIT_A)
+    env = {"NIXERY_CHANNEL": "nixos-unstable", "NIXPKGS_CHANNELS_URL": url, "REVISION_TTL": "1",
+           "WORK_DIR": str(tmp_path / "work")}
+    logged = []
+    builder = ImageBuilder(Config.from_env(env), FilesystemStorage(str(tmp_path / "s")),
+                           MemoryCache(SqliteCache(str(tmp_path / "cache.sqlite"))),
+                           log=lambda event, *a, **k: logged.append(event))
+    assert builder.resolve_source("latest").revision == COMMIT_A
+    shutil.rmtree(tmp_path / "channels")  # the channel host is down
+    time.sleep(1.1)
+    assert builder.resolve_source("latest").revision == COMMIT_A
+    assert logged == ["revision-stale"]
+    fresh = ImageBuilder(Config.from_env(env), FilesystemStorage(str(tmp_path / "s")),
+                         MemoryCache(SqliteCache(str(tmp_path / "other.sqlite"))))
+    with pytest.raises(ServerError):  # nothing known to fall back on
+        fresh.resolve_source("latest")
