@@ -145,7 +145,10 @@ class IndexBuilder:
         expires_at = min(image.expires_at for image in images.values())
         if failures:
             expires_at = min(expires_at, now + self.builder.config.failure_ttl)
-        record = ImageRecord(key, tuple(refs), source.identity, now, expires_at)
+        # Every blob of every entry: a lost layer drops the index with the images that hold it.
+        blobs = tuple(dict.fromkeys(digest for image in images.values()
+                                    for digest in (*(m.digest for m in image.manifests), *image.blobs)))
+        record = ImageRecord(key, tuple(refs), source.identity, now, expires_at, blobs)
         if omitted:
             self.builder.log("index-partial", f"index of {request.name} leaves out {', '.join(omitted)}",
                              severity="WARNING", image=request.name, omitted=omitted)
