@@ -618,7 +618,9 @@ class ImageBuilder:
         artifacts = self._store_sbom(request, closure, labels, config_blob, refs)
         now = time.time()
         ttl = self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl
-        blobs = (config_blob.digest, *dict.fromkeys(layer.digest for layer in image_layers), *artifacts)
+        # Its manifests too: an index names them, and a lost one must drop the image behind it.
+        blobs = (config_blob.digest, *dict.fromkeys(layer.digest for layer in image_layers), *artifacts,
+                 *(ref.digest for ref in refs))
         record = ImageRecord(key, tuple(refs), source.identity, now, now + ttl, blobs)
         # Written last: every blob it points at is stored by now.
         self._cache_call("image write", self.cache.put_image, record)

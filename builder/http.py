@@ -188,7 +188,12 @@ class Registry:
         names.check_repository(name, self.config.max_name_length)
         if names.is_digest(reference):
             names.check_digest(reference)
-            return self._manifest_by_digest(reference)
+            try:
+                return self._manifest_by_digest(reference)
+            except errors.ManifestUnknown:
+                if self.storage.stat(reference) is None:  # gone (not merely no manifest): heal what names it
+                    self.builder.forget_blob(reference)
+                raise
         names.check_tag(reference)
         if match := referrers.TAG.fullmatch(reference):
             return self.referrers_tag(name, "sha256:" + match[1])
