@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_manifest.py --configs 'default' 'WORKERS=2 THREADS=1'
     .venv/bin/python bench/bench_manifest.py --reference-only      # docker-registry half only
     .venv/bin/python bench/bench_manifest.py --ceiling             # + a constant-returning function
+    .venv/bin/python bench/bench_manifest.py --alternate 5 --duration 5   # medians of alternating rounds
 
 Both registries serve the same image in one run: ours builds it on the first pull, skopeo copies
 it into docker-registry with --preserve-digests, and both must then answer with byte-identical
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
+VENV_BIN = Path(sys.executable).parent  # the environment this bench runs in
 
 ACCEPT = ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
@@ -54,8 +55,8 @@ MANIFEST_TYPES = {
 }
 TARGET_RATIO = 3.0
 # What terraform/function.tf gives functions-framework with its defaults (2 vCPUs, concurrency 16):
-# one worker process per vCPU, the concurrency split between them.
-DEPLOYED = "WORKERS=2 THREADS=8"
+# one worker process per vCPU, each with a thread per request the instance may be sent.
+DEPLOYED = "WORKERS=2 THREADS=16"
 WARMUP_REQUESTS = 50
 
 
@@ -268,7 +269,12 @@ def main() -> int:
     parser.add_argument("--ceiling", action="store_true",
                         help="also measure a function returning the manifest as a constant")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--alternate", type=int, metavar="ROUNDS",
+                        help="instead: ROUNDS alternating rounds of docker-registry then ours (the deployed "
+                             "configuration) at 2 and 8 connections, by tag and by digest; medians reported")
     args = parser.parse_args()
+    if args.alternate:
+        return alternate(args)
     for tool in ("wrk", "skopeo", "docker-registry", "umoci"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: run scripts/install-deps")
@@ -317,6 +323,61 @@ def main() -> int:
     print_table(results, args)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def alternate(args: argparse.Namespace) -> int:
+    """Both registries up at once; each round measures docker-registry, then ours, on new connections.
+
+    The ratio of a round is ours / docker-registry in that round; the figure is the median ratio
+    over the rounds (and the median rates), never the best round.
+    """
+    configs = {"ours": parse_config(args.configs[0])}  # the deployed configuration unless --configs says
+    rates: dict[tuple[str, int, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-manifest-") as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "ours").mkdir()
+        (tmp_path / "reference").mkdir()
+        name, tag = args.image, args.tag
+        with reference_registry(tmp_path / "reference") as reference, \
+                our_registry(tmp_path / "ours", configs["ours"]) as ours:
+            copy_image(f"docker://{ours[7:]}/{name}:{tag}", f"docker://{reference[7:]}/{name}:{tag}")
+            manifest, _ = get_manifest(reference, name, tag)
+            digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            for url in (reference, ours):
+                for ref in (tag, digest):
+                    check_and_warm(url, name, ref, manifest)
+            for round_ in range(args.alternate):
+                for connections in (2, 8):
+                    for ref in (tag, digest):
+                        label = "tag" if ref == tag else "digest"
+                        for who, url in (("docker-registry", reference), ("ours", ours)):
+                            figures = wrk(f"{url}/v2/{name}/manifests/{ref}", args.duration, connections,
+                                          args.threads)
+                            rates.setdefault((who, connections, label), []).append(figures["requests_per_second"])
+                        r = rates[("ours", connections, label)][-1] / rates[("docker-registry", connections, label)][-1]
+                        print(f"  round {round_ + 1} -c{connections} by {label:6}: ours "
+                              f"{rates[('ours', connections, label)][-1]:7.0f}  docker-registry "
+                              f"{rates[('docker-registry', connections, label)][-1]:7.0f} req/s = {r:.2f}x",
+                              file=sys.stderr, flush=True)
+    config_text = " ".join(f"{k}={v}" for k, v in configs["ours"].items())
+    print(f"\n{args.alternate} alternating rounds of wrk -t{args.threads} -d{args.duration}s, ours with {config_text}, "
+          f"{os.cpu_count()} CPUs, image {args.image}\n")
+    print("| connections | ref | ours req/s (median) | docker-registry req/s (median) | median of round ratios | "
+          "round ratios |")
+    print("|---:|---|---:|---:|---:|---|")
+    for connections in (2, 8):
+        for label in ("tag", "digest"):
+            ours_r, ref_r = rates[("ours", connections, label)], rates[("docker-registry", connections, label)]
+            ratios = [o / r for o, r in zip(ours_r, ref_r)]
+            print(f"| {connections} | {label} | {median(ours_r):.0f} | {median(ref_r):.0f} | {median(ratios):.2f}x | "
+                  f"{' / '.join(f'{x:.2f}' for x in ratios)} |")
     return 0
 
 

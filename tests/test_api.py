@@ -1,10 +1,13 @@
 """The registry API as clients see it over HTTP, against a real functions-framework process and real Nix."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import http.client
 import json
+import re
+import subprocess
 import time
 
 import pytest
@@ -304,3 +307,27 @@ def test_index_page(shared_registry):
     assert page.status_code == 200
     assert "text/html" in page.headers["Content-Type"]
     assert f"docker pull {shared_registry.host}/shell/hello" in page.text
+
+
+def connection_holders(port: int) -> list[int]:
+    """Server-side processes holding the established connections on `port` (from `ss`)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], check=True,
+                         capture_output=True, text=True).stdout
+    return [int(pid) for pid in re.findall(r"pid=(\d+)", out)]
+
+
+@pytest.mark.parametrize("connections", [2, 8])
+def test_keep_alive_connections_are_spread_evenly_over_the_workers(start_registry, connections):
+    registry = start_registry({"WORKERS": "2", "THREADS": "8"})
+    for _ in range(3):  # each round on new connections
+        clients = [http.client.HTTPConnection(registry.host, timeout=30) for _ in range(connections)]
+        for _ in range(2):  # a connection a worker gives up after its first answer is made again
+            for client in clients:
+                client.request("GET", "/v2/")
+                assert client.getresponse().read() is not None
+        holders = connection_holders(registry.port)
+        assert len(holders) == connections
+        assert sorted(collections.Counter(holders).values()) == [connections // 2] * 2
+        for client in clients:
+            client.close()
+        time.sleep(0.3)  # the workers see the connections close
