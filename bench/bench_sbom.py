@@ -11,10 +11,13 @@ Reported: the median of the rounds' ratios with / without (and each time), the S
 time (its `sbom` log event), the SBOM's bytes against the image's, and the evaluation alone
 (image.nix on the already-built set, with / without meta, alternating).
 
-Then `--digests`: two registry processes that share nothing (own storage, cache and a copy of the
+`--scaling`: the SBOM's generation alone for synthetic closures of 100, 300 and 1000 store paths
+(5 references each, as nixpkgs' closures have a few), median of 5 runs each.
+
+`--digests`: two registry processes that share nothing (own storage, cache and a copy of the
 demo set in another folder) serve one image; its manifest, index and referrer digests are printed.
 
-Usage: .venv/bin/python bench/bench_sbom.py [--rounds 7] [--image shell/hello] [--digests]
+Usage: .venv/bin/python bench/bench_sbom.py [--rounds 7] [--image shell/hello] [--digests | --scaling]
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder import names, nix  # noqa: E402
+from builder import names, nix, sbom  # noqa: E402
 from builder.build import ImageBuilder  # noqa: E402
 from builder.config import Config, open_cache, open_storage  # noqa: E402
 from builder.manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST  # noqa: E402
@@ -147,6 +150,25 @@ def measure(rounds: int, image: str) -> None:
           f"{100 * extra / statistics.median(stored[False]):.2f}%)")
 
 
+def scaling() -> None:
+    import random
+
+    rng = random.Random(1)
+    labels = {"org.opencontainers.image.created": "1970-01-01T00:00:01Z", "org.opencontainers.image.title": "x"}
+    for count in (100, 300, 1000):
+        paths = [f"/nix/store/{i:032d}-package{i}-1.{i}" for i in range(count)]
+        closure = nix.Closure(
+            roots={f"p{i}": paths[-1 - i] for i in range(5)}, gc_root_dir="",
+            paths={p: nix.StorePath(p, 4096, tuple(sorted(rng.sample(paths[:i], min(i, 5)))), "sha256-" + "A" * 43 + "=")
+                   for i, p in enumerate(paths)})
+        runs, size = [], 0
+        for _ in range(5):
+            started = time.perf_counter()
+            size = len(sbom.generate(closure, "x", labels, "sha256:" + "0" * 64))
+            runs.append(time.perf_counter() - started)
+        print(f"  {count:5} store paths: {describe(runs)}, {size} bytes")
+
+
 def digests(image: str) -> None:
     """Two registries that share nothing serve `image`: print what they answer, side by side."""
     seen = []
@@ -178,9 +200,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--image", default="shell/hello")
     parser.add_argument("--digests", action="store_true", help="only the two-instance digest check")
+    parser.add_argument("--scaling", action="store_true", help="only the generation time by closure size")
     args = parser.parse_args()
     if args.digests:
         digests(args.image)
+    elif args.scaling:
+        scaling()
     else:
         measure(args.rounds, args.image)
 

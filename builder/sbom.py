@@ -15,6 +15,7 @@ import uuid
 from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
 from cyclonedx.model.bom import Bom, BomMetaData
 from cyclonedx.model.component import Component, ComponentType
+from cyclonedx.model.dependency import Dependency
 from cyclonedx.model.license import DisjunctiveLicense
 from cyclonedx.output.json import JsonV1Dot6
 from packageurl import PackageURL
@@ -110,13 +111,18 @@ def generate(closure: nix.Closure, title: str, labels: dict[str, str], config_di
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=config_digest.removeprefix("sha256:"))],
         properties=[Property(name=key, value=value) for key, value in sorted(labels.items())],
     )
+    # The graph as Dependency objects: Bom.register_dependency scans every dependency per call.
+    def depends(component: Component, on: list[str]) -> Dependency:
+        return Dependency(ref=component.bom_ref, dependencies=[Dependency(ref=components[p].bom_ref) for p in on])
+
+    graph = [depends(image, sorted(set(closure.roots.values())))]
+    graph += [depends(components[path], [r for r in info.references if r in components])
+              for path, info in sorted(closure.paths.items())]
     bom = Bom(
         components=components.values(),
         # Derived from the image, never random: the same image has the same SBOM bytes.
         serial_number=uuid.uuid5(_SERIAL_NAMESPACE, f"sbom:{config_digest}"),
         metadata=BomMetaData(component=image, timestamp=created.replace(tzinfo=datetime.timezone.utc)),
+        dependencies=graph,
     )
-    bom.register_dependency(image, [components[path] for path in sorted(set(closure.roots.values()))])
-    for path, info in sorted(closure.paths.items()):
-        bom.register_dependency(components[path], [components[r] for r in info.references if r in components])
     return JsonV1Dot6(bom).output_as_string(indent=None).encode()
