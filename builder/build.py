@@ -647,8 +647,9 @@ class ImageBuilder:
             stored.append(manifest.digest_of(data))
             self.storage.put_bytes(stored[-1], data, manifest.OCI_MANIFEST)
             facts[ref.digest] = {"manifests": [referrers.descriptor(data, sbom.MEDIA_TYPE, annotations)]}
-        self._cache_call("referrers write", self.cache.put_facts, referrers.FACT_KIND, facts,
-                         time.time() + referrers.FACT_TTL)
+        # They lapse with the blobs when the bucket expires them (LAYER_EXPIRY_DAYS).
+        ttl = self.config.layer_record_ttl or referrers.FACT_TTL
+        self._cache_call("referrers write", self.cache.put_facts, referrers.FACT_KIND, facts, time.time() + ttl)
         self.log("sbom", f"SBOM of {request.name}", image=request.name, components=len(closure.paths),
                  bytes=len(document), duration=round(time.monotonic() - started, 4))
         return stored

@@ -19,7 +19,8 @@ EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = manifest.digest_of(EMPTY_CONFIG)
 FACT_KIND = "referrers"
-# Referrers outlive the image's cache record: its manifests stay pullable by digest.
+# Referrers outlive the image's cache record: its manifests stay pullable by digest (for as long
+# as storage keeps blobs: LAYER_EXPIRY_DAYS shortens this).
 FACT_TTL = 10 * 365 * 24 * 3600
 # The referrers tag schema: clients without the referrers API look for this tag.
 TAG = re.compile(r"sha256-([a-f0-9]{64})")

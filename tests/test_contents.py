@@ -288,3 +288,16 @@ def test_odd_or_throwing_meta_never_fails_a_build(tmp_path):
                                        "licenses": [{"spdxId": None, "name": "unfree-ish"}]}
     assert closure.info["throwingMeta"] == {"pname": "goodbye", "version": "1.0", "mainProgram": None,
                                             "description": None, "homepage": None, "licenses": []}
+
+
+def test_referrers_lapse_with_the_blobs_when_storage_expires_them(start_registry, tmp_path):
+    import time
+
+    from builder.cache.sqlite import SqliteCache
+
+    registry = start_registry({"LAYER_EXPIRY_DAYS": "2"}, state_dir=tmp_path / "state")
+    digest = registry.head("/v2/hello/manifests/latest", headers=OCI).headers["Docker-Content-Digest"]
+    cache = SqliteCache(str(tmp_path / "state" / "cache.sqlite"))
+    now = time.time()
+    assert cache.get_facts("referrers", [digest], now + 0.9 * 86400)  # a day before the blobs go
+    assert not cache.get_facts("referrers", [digest], now + 1.1 * 86400)
