@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import ManifestUnknown, ServerError
+from .names import check_tag
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
-TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 NIXPKGS_ARCHIVE = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
 NIXPKGS_CHANNELS = "https://channels.nixos.org"
 LS_REMOTE_TIMEOUT = 60
@@ -66,8 +66,7 @@ def resolve(tag: str, *, channel: str | None, pkgs_repo: str | None, pkgs_path: 
     `remember` shares the commits moving references point at (see `Remember`);
     `channels_url` serves `<channel>/git-revision`, `archive_url` the tarball of `{rev}`.
     """
-    if not TAG.match(tag):
-        raise ManifestUnknown(f"unknown tag {tag!r}")
+    check_tag(tag)  # the grammar keeps a tag from reaching git as an option
     if pkgs_path:
         if tag != "latest":
             raise ManifestUnknown(f"unknown tag {tag!r}: a local package set only has the tag 'latest'")
