@@ -185,8 +185,8 @@ class Registry:
     # -- endpoints -------------------------------------------------------
 
     def manifest(self, request: flask.Request, name: str, reference: str) -> flask.Response:
-        names.check_repository(name, self.config.max_name_length)
         if names.is_digest(reference):
+            names.check_repository(name, self.config.max_name_length)
             names.check_digest(reference)
             try:
                 return self._manifest_by_digest(reference)
@@ -194,13 +194,14 @@ class Registry:
                 if self.storage.stat(reference) is None:  # gone (not merely no manifest): heal what names it
                     self.builder.forget_blob(reference)
                 raise
-        names.check_tag(reference)
         if match := referrers.TAG.fullmatch(reference):
+            names.check_repository(name, self.config.max_name_length)
             return self.referrers_tag(name, "sha256:" + match[1])
-        image = names.parse_image_name(
+        image = names.parse_image_name(  # checks the repository name
             name, always_include=self.config.always_include, max_packages=self.config.max_packages,
             max_length=self.config.max_name_length,
         )
+        names.check_tag(reference)
         accept = request.headers.getlist("Accept")
         if self.indexes.serves(image) and (index_type := manifest.choose_index_type(accept)) is not None:
             build, wanted = (lambda: self.indexes.index(image, reference)), index_type
