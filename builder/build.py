@@ -26,7 +26,6 @@ from .storage import Storage
 
 # How long a channel's or branch's last known commit may stand in when it cannot be asked.
 REVISION_STALE_SECONDS = 7 * 24 * 3600
-CUSTOMISATION_FORMAT = "customisation-v2"  # v2: users, groups, nsswitch.conf
 # How long the front page lists a failed build (retries are governed by FAILURE_TTL).
 FAILURE_LISTED_SECONDS = 24 * 3600
 # A build reports a new phase at once, and progress within a phase (layer N of M) at most this often.
@@ -425,7 +424,7 @@ class ImageBuilder:
         customisation_root = None
         if recorded:
             # Paths from records may not be here: realise those of layers not stored yet, by path.
-            missing = {path for plan in plans if self._stored_layer(self._layer_key(plan)) is None
+            missing = {path for plan in plans if self._stored_layer(self._layer_key(plan.key)) is None
                        for path in plan.paths}
             trees = {fact["resolved"]["path"]: fact["tree"] for fact in recorded.values() if fact.get("tree")}
             untreed = sorted(set(closure.roots.values()) - set(trees))
@@ -490,8 +489,9 @@ class ImageBuilder:
         except (OSError, nix.NixError) as e:
             self.log("nix-gc", f"garbage collection failed: {e}", severity="WARNING", error=str(e))
 
-    def _layer_key(self, plan: layers.LayerPlan) -> str:
-        return f"{plan.key}:{archive.FORMATS[self.config.compression]}"
+    def _layer_key(self, key: str) -> str:
+        """A layer's cache key: its content key (see layers.py) and the byte format it is packed in."""
+        return f"{key}:{archive.FORMATS[self.config.compression]}"
 
     def _store_layers(self, plans: list[layers.LayerPlan], request: names.ImageRequest, closure: nix.Closure,
                       customisation_root: str | None = None,
@@ -524,7 +524,7 @@ class ImageBuilder:
     def _store_layer(self, plan: layers.LayerPlan) -> tuple[manifest.Layer, bool]:
         compression = self.config.compression
         threads = min(_cpus(), 1 + plan.size // archive.COMPRESSION_BLOCK)
-        return self._reuse_or_pack(self._layer_key(plan), lambda out: archive.pack_store_paths(
+        return self._reuse_or_pack(self._layer_key(plan.key), lambda out: archive.pack_store_paths(
             plan.paths, out, compression, self.store_root, threads=threads))
 
     def _customisation_layer(self, request: names.ImageRequest, closure: nix.Closure,
@@ -533,7 +533,7 @@ class ImageBuilder:
         roots = [closure.roots[name] for name in sorted(closure.roots)]
         users = "nonroot" if request.nonroot else "root"
         compression = self.config.compression
-        layer_key = names.key_hash("\n".join([CUSTOMISATION_FORMAT, users, *roots])) + ":" + archive.FORMATS[compression]
+        layer_key = self._layer_key(layers.customisation_key(roots, users))
         entries = archive.customisation_entries(roots, store_root or self.store_root,
                                                 contents.user_entries(request.nonroot))
         return self._reuse_or_pack(layer_key, lambda out: archive.pack_entries(entries, out, compression))

@@ -12,9 +12,10 @@ import heapq
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
-# Part of every layer key: bump it when the bytes a plan produces change
-# (tar format, file order), so stale cached layers are never reused.
+# Part of every layer key: bump one when the bytes its layers hold change (tar format, file
+# order; the customisation layer's links and users), so stale cached layers are never reused.
 LAYER_FORMAT = "store-layer-v1"
+CUSTOMISATION_FORMAT = "customisation-v2"  # v2: users, groups, nsswitch.conf
 
 
 class StorePathInfo(Protocol):
@@ -33,8 +34,17 @@ class LayerPlan:
 
 
 def layer_key(paths: Sequence[str]) -> str:
-    text = "\n".join([LAYER_FORMAT, *sorted(paths)])
-    return hashlib.sha256(text.encode()).hexdigest()
+    """A store-path layer's key: its format and its sorted paths."""
+    return _key(LAYER_FORMAT, *sorted(paths))
+
+
+def customisation_key(roots: Sequence[str], user: str) -> str:
+    """The customisation layer's key: its format, the image's user and the packages it links."""
+    return _key(CUSTOMISATION_FORMAT, user, *roots)
+
+
+def _key(*lines: str) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def plan_layers(paths: Mapping[str, StorePathInfo], roots: Sequence[str], budget: int) -> list[LayerPlan]:

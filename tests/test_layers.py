@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from builder.layers import LayerPlan, layer_key, plan_layers
+from builder.layers import LayerPlan, customisation_key, layer_key, plan_layers
 
 pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
 
@@ -212,3 +212,11 @@ def test_random_subsets_share_layers():
         plan_a, plan_b = plan_layers(a, roots_a, 300), plan_layers(b, roots_b, 300)
         keys_b = {layer.key for layer in plan_b}
         assert {layer.paths[0] for layer in plan_a if layer.key in keys_b} == set(a) & set(b)
+
+
+def test_customisation_key_names_the_user_and_the_linked_packages_in_order():
+    roots = ["/nix/store/aaaa-bash", "/nix/store/bbbb-hello"]
+    key = customisation_key(roots, "root")
+    assert key == customisation_key(list(roots), "root") and len(key) == 64
+    assert len({key, customisation_key(roots, "nonroot"), customisation_key(roots[:1], "root"),
+                layer_key(roots)}) == 4

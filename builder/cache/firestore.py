@@ -7,7 +7,6 @@ Firestore is skipped for a cool-down and `FirestoreUnavailable` (a miss to calle
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, if_transient_error
 
 from ..errors import Unavailable
+from ..names import key_hash
 from . import (BuildLease, BuildProgress, BuiltImage, BuiltLayer, Fact, FailedBuild, ImageRecord, LayerRecord,
                ManifestRef)
 
@@ -41,10 +41,6 @@ class FirestoreUnavailable(Unavailable):
     """
 
     default_message = "build cache unavailable"
-
-
-def doc_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _timestamp(unix: float) -> datetime:
@@ -100,7 +96,7 @@ class FirestoreCache:
     # -- images ---------------------------------------------------------------
 
     def get_image(self, key: str, now: float) -> ImageRecord | None:
-        data = self._get(self._manifests.document(doc_id(key)), key)
+        data = self._get(self._manifests.document(key_hash(key)), key)
         if data is None:
             return None
         return self._decode(lambda: self._image(data, now), key)
@@ -135,11 +131,11 @@ class FirestoreCache:
             # Firestore indexes array members by itself: drop_images_with_blob finds them in one query.
             "blobs": list(record.blobs),
         }
-        ref = self._manifests.document(doc_id(record.key))
+        ref = self._manifests.document(key_hash(record.key))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
 
     def drop_image(self, key: str) -> None:
-        ref = self._manifests.document(doc_id(key))
+        ref = self._manifests.document(key_hash(key))
         self._call(lambda: ref.delete(timeout=self._timeout, retry=self._retry))
 
     def drop_images_with_blob(self, digest: str) -> list[str]:
@@ -157,7 +153,7 @@ class FirestoreCache:
     # -- layers ---------------------------------------------------------------
 
     def get_layer(self, key: str) -> LayerRecord | None:
-        data = self._get(self._layers.document(doc_id(key)), key)
+        data = self._get(self._layers.document(key_hash(key)), key)
         if data is None:
             return None
         record = self._decode(
@@ -183,13 +179,13 @@ class FirestoreCache:
         }
         if record.expires_at:  # for Firestore's TTL policy on the layers collection
             document.update(expires_at=_timestamp(record.expires_at), expires_at_unix=float(record.expires_at))
-        ref = self._layers.document(doc_id(record.key))
+        ref = self._layers.document(key_hash(record.key))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
 
     # -- facts --------------------------------------------------------------------
 
     def get_facts(self, kind: str, keys: Sequence[str], now: float) -> dict[str, Fact]:
-        wanted = {doc_id(f"{kind}\0{key}"): key for key in dict.fromkeys(keys)}
+        wanted = {key_hash(f"{kind}\0{key}"): key for key in dict.fromkeys(keys)}
         found: dict[str, Fact] = {}
         ids = list(wanted)
         for start in range(0, len(ids), _BATCH):
@@ -213,7 +209,7 @@ class FirestoreCache:
             text = json.dumps(value, sort_keys=True)
             if len(text) + len(key) > _FACT_MAX_BYTES:
                 continue
-            documents.append((doc_id(f"{kind}\0{key}"), {
+            documents.append((key_hash(f"{kind}\0{key}"), {
                 "kind": kind, "key": key, "value": text,
                 "expires_at": _timestamp(expires_at), "expires_at_unix": float(expires_at),
             }))
@@ -237,7 +233,7 @@ class FirestoreCache:
     # -- build leases -----------------------------------------------------------
 
     def claim_build(self, key: str, holder: str, expires_at: float, now: float) -> BuildLease:
-        ref = self._builds.document(doc_id(key))
+        ref = self._builds.document(key_hash(key))
         fields = {
             "key": key,
             "holder": holder,
@@ -277,7 +273,7 @@ class FirestoreCache:
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
     def renew_build(self, key: str, holder: str, expires_at: float) -> bool:
-        ref = self._builds.document(doc_id(key))
+        ref = self._builds.document(key_hash(key))
         update = {"expires_at": _timestamp(expires_at), "expires_at_unix": float(expires_at)}
         for _ in range(_CLAIM_ATTEMPTS):
             snapshot = self._snapshot(ref)
@@ -299,13 +295,13 @@ class FirestoreCache:
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
     def get_build(self, key: str) -> BuildLease | None:
-        data = self._get(self._builds.document(doc_id(key)), key)
+        data = self._get(self._builds.document(key_hash(key)), key)
         if data is None:
             return None
         return self._decode(lambda: self._lease(data, key), key)
 
     def finish_build(self, key: str, holder: str, error: dict | None, remember_until: float) -> None:
-        ref = self._builds.document(doc_id(key))
+        ref = self._builds.document(key_hash(key))
         for _ in range(_CLAIM_ATTEMPTS):
             snapshot = self._snapshot(ref)
             if not snapshot.exists:
@@ -359,7 +355,7 @@ class FirestoreCache:
             expires_at_unix=float(image.expires_at),
             layers=[{"digest": l.digest, "size": l.size, "paths": list(l.paths)} for l in image.layers],
         )
-        ref = self._recent_images.document(doc_id(image.digest))
+        ref = self._recent_images.document(key_hash(image.digest))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
 
     def recent_images(self, now: float, limit: int) -> list[BuiltImage]:
@@ -368,7 +364,7 @@ class FirestoreCache:
         return [image for data in found if (image := self._decode(lambda: _built_image(data, now, False), "recent"))]
 
     def built_image(self, digest: str, now: float) -> BuiltImage | None:
-        snapshot = self._snapshot(self._recent_images.document(doc_id(digest)))
+        snapshot = self._snapshot(self._recent_images.document(key_hash(digest)))
         data = snapshot.to_dict() if snapshot.exists else None
         if not data or data.get("digest") != digest:
             return None
@@ -377,7 +373,7 @@ class FirestoreCache:
     def record_failure(self, failure: FailedBuild) -> None:
         document = {**failure.__dict__, "expires_at": _timestamp(failure.expires_at),
                     "expires_at_unix": float(failure.expires_at)}
-        ref = self._recent_failures.document(doc_id(failure.key))
+        ref = self._recent_failures.document(key_hash(failure.key))
         self._call(lambda: ref.set(document, timeout=self._timeout, retry=self._retry))
 
     def recent_failures(self, now: float, limit: int) -> list[FailedBuild]:
@@ -390,7 +386,7 @@ class FirestoreCache:
         return failures
 
     def report_build(self, key: str, holder: str, progress: BuildProgress) -> None:
-        ref = self._builds.document(doc_id(key))
+        ref = self._builds.document(key_hash(key))
         snapshot = self._snapshot(ref)
         data = snapshot.to_dict() if snapshot.exists else None
         if not data or data.get("holder") != holder or data.get("key") != key or data.get("error"):
