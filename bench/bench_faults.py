@@ -7,9 +7,11 @@
   concurrency of cold builds (15, plus the measuring request: 16) is in flight or waiting for a
   build slot, against the same with nothing in flight; alternating rounds, medians reported.
 - memory: the peak memory of the whole instance (a cgroup v1 memory group, root only) while it
-  builds 1 cold image, against 16 different cold images at once.
+  builds 1 cold image, against 16 different cold images at once (the deployed shape: 4 slots).
+- slots: 16 different cold images at once with 4 build slots against 16 (unbounded): how many
+  succeed within NIX_TIMEOUT (120 s) and the wall time.
 
-Usage: .venv/bin/python bench/bench_faults.py [--rounds 5] [--takeover-rounds 3]
+Usage: .venv/bin/python bench/bench_faults.py [--rounds 5] [--takeover-rounds 3] [--parts takeover,latency,slots,memory]
 """
 from __future__ import annotations
 
@@ -124,7 +126,7 @@ def memory(rounds: int) -> dict[str, list[int]]:
                     (group / "cgroup.procs").write_text(str(os.getpid()))
                     try:
                         registry = RegistryProcess(tmp_path / "registry", shared_state(
-                            tmp_path, demo.path, WORKERS="1", THREADS="16")).start()
+                            tmp_path, demo.path, WORKERS="1", THREADS="16", BUILD_CONCURRENCY="4")).start()
                     finally:
                         (root / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
                     try:
@@ -147,21 +149,48 @@ def memory(rounds: int) -> dict[str, list[int]]:
     return results
 
 
+def slots(rounds: int) -> dict[int, list[tuple[int, float]]]:
+    results: dict[int, list[tuple[int, float]]] = {4: [], 16: []}
+    for _ in range(rounds):
+        for count in results:
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_path = Path(tmp)
+                demo = gated_demo(tmp_path)
+                demo.gate.unlink()
+                registry = RegistryProcess(tmp_path / "registry", shared_state(
+                    tmp_path, demo.path, WORKERS="1", THREADS="16", NIX_TIMEOUT="120",
+                    BUILD_CONCURRENCY=str(count))).start()
+                try:
+                    started = time.monotonic()
+                    with ThreadPoolExecutor(16) as pool:
+                        statuses = list(pool.map(lambda name: registry.get(
+                            f"/v2/{name}/manifests/latest", headers=OCI, timeout=600).status_code, COLD_IMAGES[:16]))
+                    results[count].append((statuses.count(200), time.monotonic() - started))
+                finally:
+                    registry.stop()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--takeover-rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--parts", default="takeover,latency,slots,memory")
     args = parser.parse_args()
+    parts = args.parts.split(",")
 
-    for lease in (30, 10):
+    for lease in (30, 10) if "takeover" in parts else ():
         times = takeover(lease, args.takeover_rounds)
         print(f"takeover, BUILD_LEASE_SECONDS={lease}: median {statistics.median(times):.1f} s "
               f"(rounds: {', '.join(f'{t:.1f}' for t in times)})")
-    for mode, rounds in warm_latency(args.rounds, args.samples).items():
+    for mode, rounds in (warm_latency(args.rounds, args.samples) if "latency" in parts else {}).items():
         print(f"warm manifest GET, {mode}: p50 {statistics.median(r[0] for r in rounds) * 1000:.1f} ms, "
               f"p99 {statistics.median(r[1] for r in rounds) * 1000:.1f} ms (medians of {len(rounds)} rounds)")
-    peaks = memory(max(1, args.rounds // 2))
+    for count, rounds in (slots(max(1, args.rounds // 2)) if "slots" in parts else {}).items():
+        print(f"16 cold images at once, {count} build slots: {statistics.median(r[0] for r in rounds):.0f} of 16 "
+              f"served, in {statistics.median(r[1] for r in rounds):.1f} s (medians of {len(rounds)} rounds)")
+    peaks = memory(max(1, args.rounds // 2)) if "memory" in parts else {}
     for mode, values in peaks.items():
         print(f"instance peak memory, {mode}: {statistics.median(values) / 2**20:.0f} MiB")
 

@@ -132,7 +132,7 @@ class ImageBuilder:
                                          key=key, holder=holder),
         )
         slots = config.build_concurrency or coordination.build_slots_for(
-            coordination.instance_memory_bytes(), config.build_memory_bytes)
+            coordination.instance_memory_bytes(), config.build_memory_bytes, len(os.sched_getaffinity(0)))
         self.slots = coordination.BuildSlots(os.path.join(config.work_dir, "build-slots"), slots)
 
     # -- the cache, tolerated when it fails --------------------------------

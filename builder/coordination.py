@@ -100,9 +100,11 @@ def _cgroup_memory_limit_files() -> list[str]:
     return files
 
 
-def build_slots_for(memory_bytes: int, build_memory_bytes: int) -> int:
-    """Builds that fit: a quarter of memory stays for the server, requests and /tmp's growth."""
-    return max(1, (memory_bytes * 3 // 4) // max(1, build_memory_bytes))
+def build_slots_for(memory_bytes: int, build_memory_bytes: int, cpus: int) -> int:
+    """Builds that fit: in three quarters of memory (the rest serves requests and /tmp's growth),
+    and at most two per CPU: more Nix processes on one store only contend for its locks."""
+    by_memory = (memory_bytes * 3 // 4) // max(1, build_memory_bytes)
+    return max(1, min(by_memory, 2 * cpus))
 
 
 class BuildSlots:

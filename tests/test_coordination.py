@@ -189,10 +189,12 @@ def test_slots_are_shared_by_every_builder_on_the_instance(tmp_path):
         pass
 
 
-def test_slots_follow_memory():
+def test_slots_follow_memory_and_cpus():
     gib = 1 << 30
-    assert build_slots_for(4 * gib, 768 << 20) == 4
-    assert build_slots_for(512 << 20, 768 << 20) == 1
+    assert build_slots_for(4 * gib, 768 << 20, cpus=2) == 4
+    assert build_slots_for(512 << 20, 768 << 20, cpus=2) == 1
+    # Beyond two per CPU, Nix processes on one store only wait on each other's locks.
+    assert build_slots_for(24 * gib, 768 << 20, cpus=2) == 4
 
 
 def test_stopping_ends_the_build_releases_the_lease_and_remembers_nothing(make_builder):
