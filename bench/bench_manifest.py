@@ -105,13 +105,14 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def reference_registry(state: Path) -> Iterator[str]:
-    """Debian's docker-registry on a free loopback port, storing into `state`."""
+def reference_registry(state: Path, access_log: bool = False) -> Iterator[str]:
+    """Debian's docker-registry on a free loopback port, storing into `state` (logging into
+    `state`/docker-registry.log, with a line per request when `access_log`)."""
     port = free_port()
     config = state / "docker-registry.yml"
     config.write_text(json.dumps({  # JSON is YAML
         "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "log": {"level": "error", "accesslog": {"disabled": not access_log}},
         "storage": {"filesystem": {"rootdirectory": str(state / "data")}},
         "http": {"addr": f"127.0.0.1:{port}"},
     }))

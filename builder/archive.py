@@ -27,7 +27,7 @@ COMPRESSIONS = ("gzip", "zstd", "none")
 COMPRESSION_BLOCK = _CHUNK  # the unit compression threads share out: more threads than blocks is waste
 # The byte format each compression produces, part of every layer key: bump it when the bytes change,
 # so a layer cached under the old format is never taken for the new one.
-FORMATS = {"gzip": "gzip-blocks-v1", "zstd": "zstd-mt-v1", "none": "none"}
+FORMATS = {"gzip": "gzip-blocks-v1", "zstd": "zstd-mt-v2", "none": "none"}
 MEDIA_SUFFIX = {"gzip": "tar+gzip", "zstd": "tar+zstd", "none": "tar"}
 # What one packer holds at most, besides what `out` buffers: the tar block being filled, and per
 # compression thread a block queued in, one being compressed with its output buffer, one queued out.
@@ -90,7 +90,10 @@ def _compressor(compression: str, sink: _Sink, threads: int):
         import zstandard  # only for images that ask for zstd
 
         # threads >= 1 is zstd's multi-threaded mode: the same frames for any number of workers.
-        encoder = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=max(1, threads), write_content_size=False)
+        # Jobs of one block keep memory low (zstd's default jobs of 8 MiB held ~120 MB at two threads).
+        parameters = zstandard.ZstdCompressionParameters.from_level(
+            _ZSTD_LEVEL, threads=max(1, threads), job_size=_CHUNK, write_content_size=False)
+        encoder = zstandard.ZstdCompressor(compression_params=parameters)
         writer = encoder.stream_writer(sink, closefd=False, write_size=_CHUNK)
         return writer, writer.write
     if compression == "none":
