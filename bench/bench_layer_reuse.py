@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import os
 import random
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -234,6 +235,57 @@ def dominator_fold(paths, roots, budget):
     return rest + [tuple(g) for g in ranked[excess:]]
 
 
+def small_by_roots(threshold: int) -> Strategy:
+    """Paths of `threshold` bytes or more solo (the biggest first, up to budget); the smaller ones
+    grouped by the set of requested packages that reach them (an app's private helpers travel
+    together in every image holding the app)."""
+    def strategy(paths, roots, budget):
+        reach: dict[str, set[str]] = {p: set() for p in paths}
+        for root in roots:
+            stack, seen = [root], set()
+            while stack:
+                p = stack.pop()
+                if p in seen:
+                    continue
+                seen.add(p)
+                reach[p].add(root)
+                stack.extend(r for r in paths[p].references if r in paths and r != p)
+        ranked = sorted(paths, key=lambda p: (-paths[p].nar_size, p))
+        solo = [p for p in ranked if paths[p].nar_size >= threshold]
+        buckets: dict[frozenset, list[str]] = {}
+        for p in ranked:
+            if paths[p].nar_size < threshold:
+                buckets.setdefault(frozenset(reach[p]), []).append(p)
+        groups = [(p,) for p in solo] + [tuple(sorted(g)) for g in buckets.values()]
+        if len(groups) <= budget:
+            return groups
+        # Over budget: the biggest groups keep theirs, the rest share one layer.
+        groups.sort(key=lambda g: (-sum(paths[p].nar_size for p in g), g))
+        return groups[: budget - 1] + [tuple(sorted(p for g in groups[budget - 1:] for p in g))]
+    return strategy
+
+
+def threshold_solo(threshold: int) -> Strategy:
+    """Only paths of `threshold` bytes or more get a layer of their own; the rest share one."""
+    def strategy(paths, roots, budget):
+        ranked = sorted(paths, key=lambda p: (-paths[p].nar_size, p))
+        solo = [p for p in ranked if paths[p].nar_size >= threshold][: budget - 1]
+        rest = tuple(sorted(set(paths) - set(solo)))
+        return [(p,) for p in solo] + ([rest] if rest else [])
+    return strategy
+
+
+# Candidates for fewer layers, reported with the pull model (--pull-model).
+FEWER_LAYERS: dict[str, tuple[Strategy, int]] = {
+    "today: biggest solo, budget 100": (None, 100),  # type: ignore[dict-item]  # filled below
+    "today's rule at budget 40": (None, 40),  # type: ignore[dict-item]
+    "solo from 1 MiB, rest one layer": (threshold_solo(1 << 20), 100),
+    "solo from 100 KiB, rest one layer": (threshold_solo(100 << 10), 100),
+    "solo from 2 MiB, smaller grouped by requesting packages": (small_by_roots(2 << 20), 100),
+    "solo from 1 MiB, smaller grouped by requesting packages": (small_by_roots(1 << 20), 100),
+}
+
+
 STRATEGIES: dict[str, Strategy] = {
     "builder.layers: biggest solo (ours)": ours,
     "size x popularity solo": size_times_popularity,
@@ -242,6 +294,47 @@ STRATEGIES: dict[str, Strategy] = {
     "Nixery dominator + merge rating": nixery,
     "one layer per image": one_layer,
 }
+
+
+FEWER_LAYERS["today: biggest solo, budget 100"] = (ours, 100)
+FEWER_LAYERS["today's rule at budget 40"] = (ours, 40)
+
+# Pull model: a client fetches `PARALLEL` layers at once (docker's max-concurrent-downloads), each
+# costing `REQUESTS_PER_LAYER` round trips of `LATENCY` (the registry's redirect, then storage)
+# before its bytes arrive at `BANDWIDTH`.
+LATENCY = 0.05
+REQUESTS_PER_LAYER = 2
+PARALLEL = 3
+BANDWIDTH = 100e6
+
+
+def pull_model(universe, images, strategy: Strategy, budget: int) -> dict[str, float]:
+    """Reuse, layers per image (median, p90; customisation layer included) and modelled cold-pull
+    seconds (median) for a client with an empty cache and one holding every earlier image's layers."""
+    stored: set[tuple[str, ...]] = set()
+    reused = total = 0
+    counts, empty, warm = [], [], []
+    for roots in images:
+        paths = closure_of(universe, roots)
+        groups = strategy(paths, roots, budget)
+        assert len(groups) <= budget and sum(map(len, groups)) == len(paths)
+        counts.append(len(groups) + 1)
+        nbytes = [sum(paths[p].nar_size for p in g) for g in groups]
+        new = [n for g, n in zip(groups, nbytes) if g not in stored]
+        for g, n in zip(groups, nbytes):
+            total += n
+            reused += n if g in stored else 0
+            stored.add(g)
+
+        def seconds(layer_bytes: list[int]) -> float:
+            rounds = -(-(len(layer_bytes) + 1) // PARALLEL)  # + the customisation layer
+            return rounds * REQUESTS_PER_LAYER * LATENCY + sum(layer_bytes) / BANDWIDTH
+
+        empty.append(seconds(nbytes))
+        warm.append(seconds(new))
+    counts.sort()
+    return {"reuse": reused / total, "median": statistics.median(counts), "p90": counts[len(counts) * 9 // 10],
+            "empty": statistics.median(empty), "warm": statistics.median(warm)}
 
 
 def measure(universe, images, strategy: Strategy, budget: int) -> tuple[float, float, float]:
@@ -278,6 +371,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--budgets", type=int, nargs="*", default=[100, 20, 5])
+    parser.add_argument("--pull-model", action="store_true",
+                        help="instead: rules for fewer layers, with layers per image and modelled pull times")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     universe, apps = generate_universe(rng)
@@ -286,6 +381,17 @@ def main() -> None:
     print(f"{len(universe)} store paths in the package set, {len(images)} images; "
           f"closure sizes: median {sizes[len(sizes) // 2]}, p90 {sizes[len(sizes) * 9 // 10]}, max {sizes[-1]} paths")
     print(f"path-level ideal: {ideal(universe, images):.1%} of bytes already stored")
+    if args.pull_model:
+        print(f"\npull model: {PARALLEL} layers at once, {REQUESTS_PER_LAYER} requests of {LATENCY * 1000:.0f} ms "
+              f"per layer, {BANDWIDTH / 1e6:.0f} MB/s\n")
+        print("| rule | reuse | layers/image median | p90 | cold pull, empty client | cold pull, client with "
+              "earlier layers |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, (strategy, budget) in FEWER_LAYERS.items():
+            m = pull_model(universe, images, strategy, budget)
+            print(f"| {name} | {m['reuse']:.1%} | {m['median']:.0f} | {m['p90']} | {m['empty']:.2f} s | "
+                  f"{m['warm']:.2f} s |")
+        return
     for budget in args.budgets:
         over = sum(1 for s in sizes if s > budget) / len(sizes)
         print(f"\nbudget {budget} ({over:.0%} of images over budget)")

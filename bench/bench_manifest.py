@@ -177,7 +177,8 @@ def run(*cmd: str, timeout: float = 900) -> str:
 
 def copy_image(src: str, dst: str) -> None:
     """skopeo copy between registries/layouts, keeping the manifest bytes (and so the digest)."""
-    run("skopeo", "copy", "--quiet", "--preserve-digests", "--src-tls-verify=false",
+    # --all: an image index comes with every platform's image, so both registries serve the same index.
+    run("skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--src-tls-verify=false",
         "--dest-tls-verify=false", src, dst)
 
 
