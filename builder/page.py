@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import flask
 
-from . import contents, errors, names, sbom, sources
+from . import contents, errors, names, redact, sbom, sources
 from .cache import BuildProgress, BuiltImage, Cache, FailedBuild
 from .config import DEMO_PACKAGES, Config
 from .logs import event
@@ -56,10 +56,10 @@ class Status:
 def forge_url(repo: str, commit: str | None = None) -> str | None:
     """A browsable address of `repo` (at `commit`) on a known forge, else None."""
     parts = urlsplit(repo)
-    if parts.scheme not in ("https", "http") or not parts.netloc:
+    if parts.scheme not in ("https", "http") or not parts.hostname:
         return None
-    base = f"https://{parts.netloc}{parts.path.removesuffix('/').removesuffix('.git')}"
-    host = parts.netloc.lower()
+    host = parts.hostname.lower()  # without a user or password the URL may carry
+    base = f"https://{host}{parts.path.removesuffix('/').removesuffix('.git')}"
     if commit is None:
         return base
     if host == "github.com" or host == "codeberg.org" or host.startswith("gitea."):
@@ -93,13 +93,15 @@ class SourceFacts:
         if c.pkgs_repo:
             commit = self._latest_commit()
             return {
-                "kind": "git", "name": c.pkgs_repo, "url": forge_url(c.pkgs_repo),
+                "kind": "git", "name": redact.without_credentials(c.pkgs_repo), "url": forge_url(c.pkgs_repo),
                 "latest": commit, "latest_url": forge_url(c.pkgs_repo, commit) if commit else None,
                 "tags": "latest (the default branch's head), a branch or tag name, or a 40-hex commit",
             }
         if c.channel:
             if "://" in c.channel:
-                return {"kind": "tarball", "name": c.channel, "url": c.channel if c.channel.startswith("https://") else None,
+                shown = redact.without_credentials(c.channel)
+                return {"kind": "tarball", "name": shown, "url": shown if shown == c.channel and
+                        shown.startswith("https://") else None,
                         "latest": None, "latest_url": None, "tags": "latest, or a 40-hex nixpkgs commit"}
             pinned = bool(sources.COMMIT.match(c.channel))
             commit = c.channel if pinned else self._latest_commit()
@@ -236,7 +238,8 @@ class FrontPage:
     def __init__(self, config: Config, cache: Cache, resolve_latest: Callable[[], sources.PackageSource],
                  clean: Callable[[str], str] = lambda text: text,
                  referrers: Callable[[str], list[dict]] = lambda digest: [],
-                 read_blob: Callable[[str], bytes | None] = lambda digest: None, clock: Callable[[], float] = time.time):
+                 read_blob: Callable[[str], bytes | None] = lambda digest: None,
+                 clock: Callable[[], float] = time.time):
         self.config = config
         self.referrers = referrers  # descriptors of the artifacts whose subject is a manifest digest
         self.read_blob = read_blob
@@ -415,7 +418,9 @@ if(n){live.innerHTML=n.innerHTML;live.dataset.refreshed=Date.now()}}).catch(func
 
 
 def _page(title: str, body: str, refresh: bool) -> str:
-    head_refresh = f'<noscript><meta http-equiv="refresh" content="{REFRESH_SECONDS * 2}"></noscript>' if refresh else ""
+    head_refresh = ""
+    if refresh:
+        head_refresh = f'<noscript><meta http-equiv="refresh" content="{REFRESH_SECONDS * 2}"></noscript>'
     script = f"<script>{_SCRIPT}</script>" if refresh else ""
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -482,7 +487,8 @@ def _grammar_html(about: dict[str, Any]) -> str:
                           "40-hex commit: the image then never changes.</p>")
     return f"""<section class="card" id="names"><h2>Image names</h2>
 <p>Every path segment names a package attribute of the package set; the image holds exactly those
-packages (at most {about['max_packages']}), linked into <code>/</code>. Meta-packages count at the front of the name:</p>
+packages (at most {about['max_packages']}), linked into <code>/</code>. Meta-packages count at the front of
+the name:</p>
 <ul>{metas}</ul>
 <p>Examples, to pull as <code>{e(about['host'])}/<i>name</i></code>:</p>
 <table class="examples"><tbody>{rows}</tbody></table>

@@ -135,6 +135,10 @@ def test_browser_shows_the_build_in_progress_the_finished_image_and_the_escaped_
     assert (width, height) == (1280, 1800) and max(background) < 60  # dark page
     width, _, _ = png_facts(phone)
     assert width == 390
+    image_page = ARTEFACTS / "image-page.png"
+    chromium(tmp_path / "profile", "--window-size=1280,1400", f"--screenshot={image_page}",
+             f"{busy_registry.url}/images/{digest}")
+    assert png_facts(image_page)[:2] == (1280, 1400)
 
 
 def test_browser_refreshes_the_live_part_with_the_script(busy_registry, tmp_path):
@@ -386,9 +390,18 @@ def test_render_escapes_every_text_from_the_cache():
     ("https://git.example.org/pkgs", "e" * 40, None),
     ("/srv/git/pkgs", "f" * 40, None),
     ("javascript:alert(1)", "0" * 40, None),
+    ("https://user:token@github.com/you/pkgs", "1" * 40, "https://github.com/you/pkgs/commit/" + "1" * 40),
 ])
 def test_commits_are_linked_on_known_forges_only(repo, commit, url):
     assert page.forge_url(repo, commit) == url
+
+
+@pytest.mark.fast
+def test_source_urls_are_shown_without_credentials():
+    for config in (Config(pkgs_repo="https://user:s3cret@git.example.org/pkgs.git"),
+                   Config(channel="https://user:s3cret@example.org/nixpkgs.tar.gz")):
+        facts = page.SourceFacts(config, lambda: type("Source", (), {"revision": None})()).facts()
+        assert "s3cret" not in json.dumps(facts), facts
 
 
 @pytest.mark.fast
