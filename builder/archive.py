@@ -28,6 +28,7 @@ COMPRESSION_BLOCK = _CHUNK  # the unit compression threads share out: more threa
 # The byte format each compression produces, part of every layer key: bump it when the bytes change,
 # so a layer cached under the old format is never taken for the new one.
 FORMATS = {"gzip": "gzip-blocks-v1", "zstd": "zstd-mt-v2", "none": "none"}
+# The layer format manifests name (manifest.py's media types), by compression.
 MEDIA_SUFFIX = {"gzip": "tar+gzip", "zstd": "tar+zstd", "none": "tar"}
 # What one packer holds at most, besides what `out` buffers: the tar block being filled, and per
 # compression thread a block queued in, one being compressed with its output buffer, one queued out.
@@ -40,7 +41,6 @@ class PackedBlob:
     diff_id: str  # "sha256:<hex>" of the uncompressed tar
     size: int  # bytes written
     md5: str  # hex md5 of the bytes written
-    media_type_suffix: str  # "tar+gzip" or "tar"
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,6 @@ class _TarStream:
             diff_id="sha256:" + diff_id,
             size=self.sink.size,
             md5=self.sink.md5.hexdigest(),
-            media_type_suffix=MEDIA_SUFFIX[self.compression],
         )
 
     def abort(self) -> None:
