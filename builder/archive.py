@@ -16,6 +16,8 @@ from typing import BinaryIO, Iterator, Sequence
 
 from isal import igzip_threaded
 
+from .nix import store_path_on_disk
+
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _CHUNK = 1 << 20  # the block every stage works in: file reads, gzip blocks, output batches
@@ -204,10 +206,6 @@ def _info(name: str, kind: bytes, mode: int, size: int = 0, target: str = "", ui
     return info
 
 
-def _disk_path(store_root: str, path: str) -> str:
-    return os.path.join(store_root, path.lstrip("/"))
-
-
 def _walk(disk: str, name: str) -> Iterator[tuple[str, str, os.stat_result]]:
     """(disk path, member name, lstat) of a tree, parents first, children sorted by name."""
     st = os.lstat(disk)
@@ -238,7 +236,7 @@ def _pack_store_paths(stream: _TarStream, paths: Sequence[str], store_root: str)
     stream.header(_info("nix", tarfile.DIRTYPE, 0o755))
     stream.header(_info("nix/store", tarfile.DIRTYPE, 0o755))
     for path in sorted(set(paths)):
-        for disk, name, st in _walk(_disk_path(store_root, path), path.lstrip("/")):
+        for disk, name, st in _walk(store_path_on_disk(path, store_root), path.lstrip("/")):
             mode = stat.S_IMODE(st.st_mode)
             if stat.S_ISREG(st.st_mode):
                 stream.header(_info(name, tarfile.REGTYPE, mode, st.st_size))
@@ -310,7 +308,7 @@ def customisation_entries(package_paths: Sequence[str], store_root: str = "/",
         entries[entry.name] = entry
     env_target = ""
     for package in package_paths:
-        disk_root = _disk_path(store_root, package)
+        disk_root = store_path_on_disk(package, store_root)
         if not os.path.isdir(disk_root) or os.path.islink(disk_root):
             continue  # a single-file package has nothing to link in
         if not env_target and os.path.lexists(os.path.join(disk_root, "bin", "env")):

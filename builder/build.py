@@ -449,7 +449,7 @@ class ImageBuilder:
         return record, image_layers, packed, [plan.paths for plan in plans] + [()]
 
     def _on_disk(self, path: str) -> str:
-        return os.path.join(self.store_root, path.lstrip("/"))
+        return nix.store_path_on_disk(path, self.store_root)
 
     def _record_resolutions(self, request: names.ImageRequest, source: sources.PackageSource,
                             closure: nix.Closure, evaluated: set[str]) -> None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from . import archive, manifest, names, redact
+from .nix import store_path_on_disk
 from .sources import PackageSource
 
 NONROOT_ID = 65532
@@ -60,7 +61,7 @@ def main_program(request: names.ImageRequest, roots: dict[str, str], info: dict[
         return None
     path = f"{roots[name]}/bin/{program}"
     # A mainProgram the package does not ship would be a command that cannot start.
-    if not os.path.lexists(os.path.join(store_root, path.lstrip("/"))):
+    if not os.path.lexists(store_path_on_disk(path, store_root)):
         return None
     return path
 

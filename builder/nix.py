@@ -676,8 +676,6 @@ def _remove_roots(gc_root_dir: str) -> None:
     os.rmdir(gc_root_dir)
 
 
-def store_path_on_disk(path: str, settings: NixSettings) -> str:
-    """Where the files of logical store path `path` are: under the chroot store, if any."""
-    if settings.store:
-        return os.path.join(settings.store, path.lstrip("/"))
-    return path
+def store_path_on_disk(path: str, store_root: str | None) -> str:
+    """Where the files of logical store path `path` are: under chroot store `store_root`, if any."""
+    return os.path.join(store_root or "/", path.lstrip("/"))

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
-from .nix import StorePath
+from .nix import StorePath, store_path_on_disk
 from .sources import PackageSource
 
 FORMAT = "resolution-v1"
@@ -98,7 +98,7 @@ def make_skeleton(root: str, trees: Mapping[str, dict]) -> str:
     `root`, to be passed as the store root.
     """
     for path, tree in trees.items():
-        disk = os.path.join(root, path.lstrip("/"))
+        disk = store_path_on_disk(path, root)
         os.makedirs(os.path.dirname(disk), exist_ok=True)
         if not tree.get("dir"):
             open(disk, "wb").close()

@@ -208,7 +208,7 @@ def test_bootstrapped_nix_substitutes_from_the_signed_cache_into_a_chroot_store(
     source = sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(DEMO))
     closure = nix.realise(["hello"], source, "x86_64-linux", settings, str(tmp_path / "build"))
     assert closure.roots["hello"] == binary_cache.store_paths["hello"]
-    hello = Path(nix.store_path_on_disk(closure.roots["hello"], settings)) / "bin" / "hello"
+    hello = Path(nix.store_path_on_disk(closure.roots["hello"], settings.store)) / "bin" / "hello"
     assert hello.is_file()
     assert binary_cache.server.count(".narinfo") > 0
 

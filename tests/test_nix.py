@@ -99,7 +99,7 @@ def test_hello_closure_has_references_and_roots(demo, settings, tmp_path):
     roots = [os.path.realpath(e.path) for e in os.scandir(closure.gc_root_dir)]
     assert roots == [hello]
 
-    on_disk = nix.store_path_on_disk(hello, settings)
+    on_disk = nix.store_path_on_disk(hello, settings.store)
     out = subprocess.run([f"{on_disk}/bin/hello"], capture_output=True, text=True, check=True)
     assert out.stdout == "Hello, world!\n"
 
@@ -109,7 +109,7 @@ def test_several_packages_share_store_paths(demo, settings, tmp_path):
     assert len(closure.roots) == 5
     shared = [p for p in closure.paths if p.endswith("-libgreeting-1.0")]
     assert len(shared) == 1
-    env = nix.store_path_on_disk(closure.roots["coreutils"], settings) + "/bin/env"
+    env = nix.store_path_on_disk(closure.roots["coreutils"], settings.store) + "/bin/env"
     assert os.path.islink(env)
 
 
@@ -264,7 +264,7 @@ def test_chroot_store(demo, tmp_path):
     closure = realise(["hello"], demo, settings, tmp_path)
     hello = closure.roots["hello"]
     assert hello.startswith("/nix/store/")  # logical names stay
-    on_disk = nix.store_path_on_disk(hello, settings)
+    on_disk = nix.store_path_on_disk(hello, settings.store)
     assert on_disk == f"{store}{hello}"
     assert "/nix/store/" in Path(on_disk, "bin", "hello").read_text()
     assert len(closure.paths) == 3
@@ -298,10 +298,10 @@ def test_garbage_collection_keeps_what_builds_hold_and_waits_for_running_ones(de
     with open(settings.store_lock, "a") as lock:  # a build running in another process
         fcntl.flock(lock, fcntl.LOCK_SH)
         assert nix.collect_garbage(settings) is False
-    assert all(Path(nix.store_path_on_disk(p, settings)).exists() for p in only_goodbye)
+    assert all(Path(nix.store_path_on_disk(p, settings.store)).exists() for p in only_goodbye)
 
     assert nix.collect_garbage(settings) is True
-    assert not any(Path(nix.store_path_on_disk(p, settings)).exists() for p in only_goodbye)
-    assert all(Path(nix.store_path_on_disk(p, settings)).exists() for p in held.paths)
+    assert not any(Path(nix.store_path_on_disk(p, settings.store)).exists() for p in only_goodbye)
+    assert all(Path(nix.store_path_on_disk(p, settings.store)).exists() for p in held.paths)
     again = nix.realise(["goodbye"], demo, SYSTEM, settings, str(tmp_path / "again"))
     assert set(again.paths) == set(done.paths)
