@@ -13,7 +13,6 @@ import re
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from typing import NoReturn
 
 import flask
@@ -24,6 +23,7 @@ from .build import ImageBuilder
 from .cache import ImageRecord
 from .config import Config, open_cache, open_storage
 from .logs import event
+from .lru import Lru
 from .platforms import IndexBuilder
 from .redact import Redactor
 from .page import FrontPage
@@ -73,40 +73,6 @@ def _single_valid_range(header: str) -> bool:
     return match is not None and not (match["first"] and match["last"] and int(match["last"]) < int(match["first"]))
 
 
-class ManifestMemory:
-    """This instance's copy of manifests it has served, by digest, up to `max_bytes` in total.
-
-    A digest names its bytes for ever, so a copy never goes stale; keeping one saves a
-    warm manifest request its storage round trips (two GCS requests in the cloud).
-    Bytes are checked against their digest before they are kept.
-    """
-
-    def __init__(self, max_bytes: int):
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> tuple[str, bytes] | None:
-        with self._lock:
-            item = self._items.get(digest)
-            if item is not None:
-                self._items.move_to_end(digest)
-            return item
-
-    def put(self, digest: str, media_type: str, data: bytes) -> None:
-        if len(data) > self._max_bytes:
-            return
-        with self._lock:
-            if digest in self._items:
-                return
-            self._items[digest] = (media_type, data)
-            self._bytes += len(data)
-            while self._bytes > self._max_bytes:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._bytes -= len(dropped)
-
-
 OMITTED_PLATFORMS_HEADER = "Nixery-Omitted-Platforms"
 
 
@@ -122,7 +88,10 @@ class Registry:
         self.config = config
         self.storage = storage
         self.builder = builder
-        self.manifests = ManifestMemory(config.manifest_memory_bytes)
+        # Manifests this instance served, by digest, up to MANIFEST_MEMORY_BYTES: a digest names its
+        # bytes for ever, so a copy never goes stale, and a warm manifest request skips storage.
+        # Bytes are checked against their digest before they are kept.
+        self.manifests: Lru[tuple[str, bytes]] = Lru(config.manifest_memory_bytes, weight=lambda item: len(item[1]))
         self.redact = Redactor.from_config(config)
         self.indexes = IndexBuilder(builder, config.platforms)
         self.page = FrontPage(config, builder.cache, lambda: builder.resolve_source("latest"), self.redact.text,
@@ -227,15 +196,11 @@ class Registry:
             config = json.loads(data).get("config", {}).get("digest")
             if config and self.storage.stat(config) is None:
                 raise errors.ManifestUnknown(f"config {config} of manifest {ref.digest} is missing from storage")
-            self.manifests.put(ref.digest, media_type, data)
+            self.manifests.put(ref.digest, (media_type, data))
         return self._manifest_by_digest(ref.digest)
 
     def _manifest_by_digest(self, digest: str) -> flask.Response:
-        known = self.manifests.get(digest)
-        if known is None:
-            known = self._read_manifest(digest)
-            self.manifests.put(digest, *known)
-        media_type, data = known
+        media_type, data = self.manifests.get_or_load(digest, lambda: self._read_manifest(digest))
         response = _json(200, data, content_type=media_type, **{"Docker-Content-Digest": digest})
         if media_type in manifest.INDEX_TYPES:
             _note_omitted_platforms(response, data)

@@ -17,7 +17,7 @@ from builder import errors, manifest
 from builder.cache import ImageRecord, ManifestRef
 from builder.cache.sqlite import SqliteCache
 from builder.config import Config
-from builder.http import ManifestMemory, Registry
+from builder.http import Registry
 from builder.storage.filesystem import FilesystemStorage
 
 pytestmark = pytest.mark.fast  # in-process: part of scripts/test-fast
@@ -258,7 +258,7 @@ def test_a_request_path_is_logged_once_and_truncated(client, capsys):
 
 def forget_served_manifests() -> None:
     """As on a fresh instance: no manifest copies in memory."""
-    sys.modules["main"]._registry.get().manifests = ManifestMemory(1 << 20)
+    sys.modules["main"]._registry.get().manifests.drop_where(lambda item: True)
 
 
 def test_a_tagged_image_whose_manifest_is_gone_is_rebuilt_at_once(client, stand_in):

@@ -7,73 +7,24 @@ front page's listings always go through.
 """
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
-from typing import Generic, Mapping, Sequence, TypeVar
+from typing import Mapping, Sequence
 
+from ..lru import Lru
 from . import BuildLease, BuildProgress, BuiltImage, Cache, Fact, FailedBuild, ImageRecord, LayerRecord
-
-V = TypeVar("V")
-
-
-class _Lru(Generic[V]):
-    def __init__(self, max_entries: int):
-        self._max = max_entries
-        self._items: OrderedDict[str, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> V | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: V) -> None:
-        if self._max <= 0:
-            return
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._max:
-                self._items.popitem(last=False)
-
-    def drop(self, key: str) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def drop_where(self, test) -> list[str]:
-        """Drop every entry whose value passes `test`; returns their keys."""
-        with self._lock:
-            keys = [key for key, value in self._items.items() if test(value)]
-            for key in keys:
-                del self._items[key]
-        return keys
-
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 class MemoryCache:
     """`Cache` over another `Cache`, keeping up to `max_entries` images and as many layers."""
 
     def __init__(self, inner: Cache, max_entries: int = 10_000):
         self.inner = inner
-        self._images: _Lru[ImageRecord] = _Lru(max_entries)
-        self._layers: _Lru[LayerRecord] = _Lru(max_entries)
-        self._facts: _Lru[Fact] = _Lru(max_entries)
+        self._images: Lru[ImageRecord] = Lru(max_entries)
+        self._layers: Lru[LayerRecord] = Lru(max_entries)
+        self._facts: Lru[Fact] = Lru(max_entries)
 
     def get_image(self, key: str, now: float) -> ImageRecord | None:
-        record = self._images.get(key)
-        if record is not None:
-            if record.expires_at > now:
-                return record
-            self._images.drop(key)
-        record = self.inner.get_image(key, now)
-        if record is not None:
-            self._images.put(key, record)
-        return record
+        return self._images.get_or_load(key, lambda: self.inner.get_image(key, now),
+                                        fresh=lambda record: record.expires_at > now)
 
     def put_image(self, record: ImageRecord) -> None:
         # Remembered before the shared write: the blobs are stored already, so the record is
@@ -95,13 +46,8 @@ class MemoryCache:
         return sorted(dropped)
 
     def get_layer(self, key: str) -> LayerRecord | None:
-        record = self._layers.get(key)
-        if record is not None and record.live(time.time()):
-            return record
-        record = self.inner.get_layer(key)
-        if record is not None:
-            self._layers.put(key, record)
-        return record
+        return self._layers.get_or_load(key, lambda: self.inner.get_layer(key),
+                                        fresh=lambda record: record.live(time.time()))
 
     def put_layer(self, record: LayerRecord) -> None:
         self._layers.put(record.key, record)
