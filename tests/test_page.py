@@ -9,6 +9,7 @@ var/test-artefacts/. The ends of the file are unit tests of the page's own logic
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -284,6 +285,23 @@ def test_page_reads_firestore_in_one_query_per_listing(firestore_env):
     assert [i.name for i in status.images] == [f"img{i}" for i in range(page.IMAGES_SHOWN)]
     assert len(status.failures) == page.FAILURES_SHOWN and status.failures[0].name == "broken0"
     assert [b.phase for b in status.building] == ["realising"] and status.problems == []
+
+
+def test_a_git_source_shows_the_commit_latest_means(start_registry, tmp_path):
+    repo = tmp_path / "pkgs"
+    shutil.copytree(REPO / "nix" / "demo", repo)
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path), "GIT_AUTHOR_NAME": "T",
+           "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "demo set"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True,
+                            text=True, env=env).stdout.strip()
+    registry = start_registry({"NIXERY_PKGS_REPO": str(repo), "NIXERY_PKGS_PATH": ""})
+    source = wait_for(lambda: (s := registry.get("/status.json").json()["registry"]["source"])["latest"] and s, 20,
+                      "the commit latest means")
+    assert source["kind"] == "git" and source["latest"] == commit
+    assert f"<code>{commit[:12]}</code>" in registry.get("/").text
+    assert "a branch or tag name, or a 40-hex commit" in registry.get("/").text
 
 
 # -- the page's own logic (unit tests over stand-in caches) -----------------------------------
