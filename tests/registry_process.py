@@ -67,7 +67,7 @@ class RegistryProcess:
             try:
                 if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a loaded machine may answer late
                 time.sleep(0.05)
         raise RuntimeError(f"{self.kind} did not start:\n{self.log_path.read_text()[-4000:]}")
 
