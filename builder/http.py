@@ -6,7 +6,6 @@ or config that storage lost makes its images rebuild (docs/design.md, "Self-heal
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -210,7 +209,7 @@ class Registry:
         stat = self.storage.stat(digest)
         data = self.storage.read_bytes(digest) if stat is not None and stat.size <= _MAX_MANIFEST_SIZE else None
         # A layer or config is no manifest, and neither are bytes that do not match their digest.
-        intact = data is not None and f"sha256:{hashlib.sha256(data).hexdigest()}" == digest
+        intact = data is not None and manifest.digest_of(data) == digest
         media_type = manifest.manifest_media_type(data) if intact else None
         if media_type is None:
             raise errors.ManifestUnknown(f"manifest {digest} is not known to this registry", {"digest": digest})

@@ -7,17 +7,37 @@ the blob it produced, so an emptied cache repacks nothing stored (docs/design.md
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Protocol, Union
 
+from ..errors import ServerError
 
-_INDEX_NAME = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def digest_hex(digest: str) -> str:
+    """The 64 hex digits of a `sha256:` digest, which a blob is stored under; ValueError otherwise."""
+    algorithm, _, encoded = digest.partition(":")
+    if algorithm != "sha256" or not _HEX.fullmatch(encoded):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return encoded
+
+
+def has_digest(data: bytes, digest: str) -> bool:
+    return "sha256:" + hashlib.sha256(data).hexdigest() == digest
+
+
+def check_digest_of(data: bytes, digest: str) -> None:
+    """Refuse (ServerError) to store bytes under a digest they do not have."""
+    if not has_digest(data, digest):
+        raise ServerError(f"refusing to store bytes under a digest they do not have: {digest}")
 
 
 def check_index_name(name: str) -> str:
     """A layer index object's name: the hex SHA-256 of its layer key, nothing a path could escape with."""
-    if not _INDEX_NAME.fullmatch(name):
+    if not _HEX.fullmatch(name):
         raise ValueError(f"not a layer index name: {name!r}")
     return name
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..errors import ServerError, StorageFull
 from ..logs import event
-from . import BlobStat, LocalFile, check_index_name
+from . import BlobStat, LocalFile, check_digest_of, check_index_name, digest_hex, has_digest
 
 _CHUNK = 1 << 20
 _UPLOAD_PREFIX = "upload-"
@@ -160,10 +160,7 @@ class FilesystemStorage:
             os.close(fd)
 
     def blob_path(self, digest: str) -> Path:
-        algorithm, _, encoded = digest.partition(":")
-        if algorithm != "sha256" or len(encoded) != 64 or not all(c in "0123456789abcdef" for c in encoded):
-            raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self._blobs / encoded
+        return self._blobs / digest_hex(digest)
 
     # -- integrity ---------------------------------------------------------------
 
@@ -218,8 +215,7 @@ class FilesystemStorage:
         return FilesystemUpload(self)
 
     def put_bytes(self, digest: str, data: bytes, media_type: str) -> None:
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise ServerError(f"refusing to store bytes under a digest they do not have: {digest}")
+        check_digest_of(data, digest)
         if self._intact(digest) is not None:
             return
         with self.upload() as upload:
@@ -233,7 +229,7 @@ class FilesystemStorage:
             data = self.blob_path(digest).read_bytes()
         except FileNotFoundError:
             return None
-        return data if "sha256:" + hashlib.sha256(data).hexdigest() == digest else None
+        return data if has_digest(data, digest) else None
 
     def put_layer_index(self, name: str, data: bytes) -> None:
         path = self._index / check_index_name(name)

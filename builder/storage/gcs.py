@@ -30,7 +30,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from ..errors import ServerError
-from . import BlobStat, Redirect, check_index_name
+from . import BlobStat, Redirect, check_digest_of, check_index_name, digest_hex
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 IAM_CREDENTIALS_ENDPOINT = "https://iamcredentials.googleapis.com"
@@ -61,10 +61,7 @@ def _hex_md5(b64: str | None) -> str | None:
 
 
 def blob_key(digest: str) -> str:
-    algorithm, _, encoded = digest.partition(":")
-    if algorithm != "sha256" or len(encoded) != 64 or not all(c in "0123456789abcdef" for c in encoded):
-        raise ValueError(f"not a sha256 digest: {digest!r}")
-    return BLOB_PREFIX + encoded
+    return BLOB_PREFIX + digest_hex(digest)
 
 
 class IamSigner(google.auth.credentials.Signing):
@@ -346,8 +343,7 @@ class GcsStorage:
         return GcsUpload(self)
 
     def put_bytes(self, digest: str, data: bytes, media_type: str) -> None:
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise ServerError(f"refusing to store bytes under a digest they do not have: {digest}")
+        check_digest_of(data, digest)
         self._put_small(digest, data, hashlib.md5(data).hexdigest(), media_type)
 
     def _probe(self, digest: str) -> storage.Blob | None:
