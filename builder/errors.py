@@ -38,47 +38,20 @@ class RegistryError(Exception):
         return cls(error.get("message"), error.get("detail"))
 
 
-class NameInvalid(RegistryError):
-    status, code, default_message = 400, "NAME_INVALID", "invalid repository name"
-
-
-class NameUnknown(RegistryError):
-    status, code, default_message = 404, "NAME_UNKNOWN", "repository name not known to registry"
-
-
-class ManifestUnknown(RegistryError):
-    status, code, default_message = 404, "MANIFEST_UNKNOWN", "manifest unknown"
-
-
-class BlobUnknown(RegistryError):
-    status, code, default_message = 404, "BLOB_UNKNOWN", "blob unknown to registry"
-
-
-class DigestInvalid(RegistryError):
-    status, code, default_message = 400, "DIGEST_INVALID", "provided digest did not match uploaded content"
-
-
-class RangeInvalid(RegistryError):
-    # Not a spec code; the spec only demands 416 for an unsatisfiable range.
-    status, code, default_message = 416, "RANGE_INVALID", "requested range not satisfiable"
-
-
-class Unsupported(RegistryError):
-    status, code, default_message = 405, "UNSUPPORTED", "the operation is unsupported"
-
-
-class ServerError(RegistryError):
-    """The registry's own fault: storage unreachable, Nix missing, a bug."""
-
-    status, code, default_message = 500, "UNKNOWN", "internal server error"
-
-
-class Unavailable(RegistryError):
-    status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
-
-
-class Denied(RegistryError):
-    status, code, default_message = 403, "DENIED", "requested access to the resource is denied"
+# The spec's error codes, a line each: the class raised for the code, its status and default message.
+class NameInvalid(RegistryError): status, code, default_message = 400, "NAME_INVALID", "invalid repository name"
+class NameUnknown(RegistryError): status, code, default_message = 404, "NAME_UNKNOWN", "repository name not known to registry"
+class ManifestUnknown(RegistryError): status, code, default_message = 404, "MANIFEST_UNKNOWN", "manifest unknown"
+class BlobUnknown(RegistryError): status, code, default_message = 404, "BLOB_UNKNOWN", "blob unknown to registry"
+class DigestInvalid(RegistryError): status, code, default_message = 400, "DIGEST_INVALID", "provided digest did not match uploaded content"
+class PaginationNumberInvalid(RegistryError): status, code, default_message = 400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested"
+class Denied(RegistryError): status, code, default_message = 403, "DENIED", "requested access to the resource is denied"
+class Unsupported(RegistryError): status, code, default_message = 405, "UNSUPPORTED", "the operation is unsupported"
+class Unavailable(RegistryError): status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
+# Not a spec code; the spec only demands 416 for an unsatisfiable range.
+class RangeInvalid(RegistryError): status, code, default_message = 416, "RANGE_INVALID", "requested range not satisfiable"
+# The registry's own fault: storage unreachable, Nix missing, a bug.
+class ServerError(RegistryError): status, code, default_message = 500, "UNKNOWN", "internal server error"
 
 
 class TooManyRequests(RegistryError):
@@ -89,19 +62,11 @@ class TooManyRequests(RegistryError):
         self.headers = {"Retry-After": str(max(1, int(retry_after)))}
 
 
-class PaginationNumberInvalid(RegistryError):
-    status, code, default_message = 400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested"
-
-
 class StorageFull(ServerError):
     """The blob storage has no room left: heals by itself when space returns (nothing is remembered)."""
 
     status, default_message = 507, "the registry's storage is full"
 
 
-# The spec's code -> the one class raised for it (as distribution's errcode registers them).
-BY_CODE: dict[str, type[RegistryError]] = {
-    cls.code: cls
-    for cls in (NameInvalid, NameUnknown, ManifestUnknown, BlobUnknown, DigestInvalid, RangeInvalid, Unsupported,
-                ServerError, Unavailable, PaginationNumberInvalid, Denied, TooManyRequests)
-}
+# The spec's code -> its class, for failures remembered by code (as distribution's errcode keeps them).
+BY_CODE: dict[str, type[RegistryError]] = {cls.code: cls for cls in RegistryError.__subclasses__()}
