@@ -135,7 +135,7 @@ def memory(rounds: int) -> dict[str, list[int]]:
                         with ThreadPoolExecutor(len(images)) as pool:
                             statuses = list(pool.map(lambda name: registry.get(
                                 f"/v2/{name}/manifests/latest", headers=OCI, timeout=600).status_code, images))
-                        assert statuses == [200] * len(images), statuses
+                        assert statuses == [200] * len(images), (statuses, [e.get("error") for e in registry.builds()])
                         results[mode].append(int((group / "memory.max_usage_in_bytes").read_text()))
                     finally:
                         registry.stop()
