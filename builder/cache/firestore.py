@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from google.api_core import exceptions as api_exceptions
@@ -260,15 +261,8 @@ class FirestoreCache:
                 return lease  # someone builds, or a failure is remembered
             # Expired (its holder died, or a remembered failure ran out), or our own:
             # take it over unless someone else changed it since we read it.
-            option = self._client.write_option(last_update_time=snapshot.update_time)
-            try:
-                self._call(
-                    lambda: ref.update(fields, option=option, timeout=self._timeout, retry=self._retry),
-                    expected=_LOST_RACE,
-                )
+            if self._write_unless_changed(snapshot, partial(ref.update, fields)):
                 return ours
-            except _LOST_RACE:
-                pass
             # Another instance took it over (or released it) first: look again.
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
@@ -283,15 +277,8 @@ class FirestoreCache:
             if data.get("holder") != holder or data.get("key") != key or data.get("error"):
                 return False
             # Conditional on what we read: a takeover between read and write wins.
-            option = self._client.write_option(last_update_time=snapshot.update_time)
-            try:
-                self._call(
-                    lambda: ref.update(update, option=option, timeout=self._timeout, retry=self._retry),
-                    expected=_LOST_RACE,
-                )
+            if self._write_unless_changed(snapshot, partial(ref.update, update)):
                 return True
-            except _LOST_RACE:
-                pass
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
     def get_build(self, key: str) -> BuildLease | None:
@@ -309,26 +296,17 @@ class FirestoreCache:
             data = snapshot.to_dict()
             if data.get("holder") != holder or data.get("key") != key:
                 return  # taken over after our lease expired: not ours to release
-            option = self._client.write_option(last_update_time=snapshot.update_time)
-            try:
-                if error is None:
-                    self._call(
-                        lambda: ref.delete(option=option, timeout=self._timeout, retry=self._retry),
-                        expected=_LOST_RACE,
-                    )
-                else:
-                    update = {
-                        "error": json.dumps(error, sort_keys=True),
-                        "expires_at": _timestamp(remember_until),
-                        "expires_at_unix": float(remember_until),
-                    }
-                    self._call(
-                        lambda: ref.update(update, option=option, timeout=self._timeout, retry=self._retry),
-                        expected=_LOST_RACE,
-                    )
+            if error is None:
+                write = ref.delete
+            else:
+                write = partial(ref.update, {
+                    "error": json.dumps(error, sort_keys=True),
+                    "expires_at": _timestamp(remember_until),
+                    "expires_at_unix": float(remember_until),
+                })
+            if self._write_unless_changed(snapshot, write):
                 return
-            except _LOST_RACE:
-                pass  # changed since we read it: read again
+            # Changed since we read it: read again.
         raise FirestoreUnavailable(f"build cache unavailable: lease for {key!r} kept changing")
 
     @staticmethod
@@ -391,12 +369,8 @@ class FirestoreCache:
         data = snapshot.to_dict() if snapshot.exists else None
         if not data or data.get("holder") != holder or data.get("key") != key or data.get("error"):
             return
-        option = self._client.write_option(last_update_time=snapshot.update_time)
-        try:
-            self._call(lambda: ref.update({"progress": progress.__dict__}, option=option, timeout=self._timeout,
-                                          retry=self._retry), expected=_LOST_RACE)
-        except _LOST_RACE:
-            pass  # renewed, released or taken over meanwhile: the next report says where the build is
+        # Lost when the lease was renewed, released or taken over meanwhile: the next report says where it is.
+        self._write_unless_changed(snapshot, partial(ref.update, {"progress": progress.__dict__}))
 
     def builds_in_progress(self, now: float, limit: int) -> list[BuildProgress]:
         from google.cloud.firestore import FieldFilter
@@ -420,6 +394,16 @@ class FirestoreCache:
         return self._call(lambda: [s.to_dict() for s in query.stream(timeout=self._timeout, retry=self._retry)])
 
     # -- plumbing -----------------------------------------------------------------
+
+    def _write_unless_changed(self, snapshot: Any, write: Callable[..., Any]) -> bool:
+        """`write` (a document's update or delete) on condition that the document is still as
+        `snapshot` read it; False when someone changed or removed it since."""
+        option = self._client.write_option(last_update_time=snapshot.update_time)
+        try:
+            self._call(lambda: write(option=option, timeout=self._timeout, retry=self._retry), expected=_LOST_RACE)
+            return True
+        except _LOST_RACE:
+            return False
 
     def _call(self, fn: Callable[[], T], expected: tuple[type[Exception], ...] = ()) -> T:
         """One RPC; `expected` errors are answers (a lost race), re-raised as they are."""
