@@ -546,7 +546,7 @@ class ImageBuilder:
         """
         found = self._stored_layer(layer_key)
         if found is not None:
-            return manifest.Layer(found.digest, found.diff_id, found.size, self._layer_format()), False
+            return manifest.Layer(found.digest, found.size, diff_id=found.diff_id, format=self._layer_format()), False
         with self.storage.upload() as upload:
             packed = pack(upload)
             upload.commit(packed.digest, packed.md5, packed.size, "application/octet-stream")
@@ -555,7 +555,7 @@ class ImageBuilder:
                              expires_at=time.time() + ttl if ttl else 0.0)
         self.storage.put_layer_index(names.key_hash(layer_key), record.to_json())
         self._cache_call("layer write", self.cache.put_layer, record)
-        return manifest.Layer(packed.digest, packed.diff_id, packed.size, self._layer_format()), True
+        return manifest.Layer(packed.digest, packed.size, diff_id=packed.diff_id, format=self._layer_format()), True
 
     def _stored_layer(self, layer_key: str) -> LayerRecord | None:
         """What `layer_key` produced before, if it passes `reusable`: the cache first, then storage's index.

@@ -45,11 +45,9 @@ class Blob:
 
 
 @dataclass(frozen=True)
-class Layer:
-    digest: str
-    diff_id: str
-    size: int
-    format: str  # "tar+gzip" | "tar"
+class Layer(Blob):
+    diff_id: str  # digest of the uncompressed tar
+    format: str  # archive.MEDIA_SUFFIX: "tar+gzip" | "tar+zstd" | "tar"
 
 
 def digest_of(data: bytes) -> str:

@@ -47,7 +47,7 @@ class StandInBuilder:
         key = f"{request.name}:{tag}"
         if key not in self.records:
             self.builds.append(key)
-            layers = [manifest.Layer(LAYER_DIGEST, LAYER_DIGEST, len(LAYER), "tar")]
+            layers = [manifest.Layer(LAYER_DIGEST, len(LAYER), diff_id=LAYER_DIGEST, format="tar")]
             config = manifest.image_config(layers, "amd64", [f"IMAGE={request.name}"], None)
             config_blob = manifest.Blob(manifest.digest_of(config), len(config))
             self.storage.put_bytes(config_blob.digest, config, "application/json")
