@@ -135,8 +135,8 @@ class Config:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for f in fields(cls):
-            variable, raw = f.metadata["variable"], env.get(f.metadata["variable"])
+        for variable, f in SETTINGS.items():
+            raw = env.get(variable)
             if raw is None:
                 continue
             try:
