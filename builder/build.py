@@ -464,7 +464,7 @@ class ImageBuilder:
                 closure.resolved[name], members, resolution.tree_of(self._on_disk(root)))
             for path in members:
                 path_facts[path] = resolution.path_fact(closure.paths[path])
-        expires_at = time.time() + (self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl)
+        expires_at = time.time() + self.config.image_ttl(source.pinned)
         # Paths first: a package fact is only used when its whole closure is recorded.
         self._cache_call("closure write", self.cache.put_facts, resolution.PATH, path_facts, expires_at)
         self._cache_call("resolution write", self.cache.put_facts, resolution.PACKAGE, facts, expires_at)
@@ -617,7 +617,7 @@ class ImageBuilder:
             refs.append(ManifestRef(digest, len(data), media_type))
         artifacts = self._store_sbom(request, closure, labels, config_blob, refs)
         now = time.time()
-        ttl = self.config.pinned_manifest_ttl if source.pinned else self.config.manifest_ttl
+        ttl = self.config.image_ttl(source.pinned)
         # Its manifests too: an index names them, and a lost one must drop the image behind it.
         blobs = (config_blob.digest, *dict.fromkeys(layer.digest for layer in image_layers), *artifacts,
                  *(ref.digest for ref in refs))

@@ -170,6 +170,17 @@ class Config:
         """Seconds a layer record lives, a day less than its object; None: for ever."""
         return (self.layer_expiry_days - 1) * 86400 if self.layer_expiry_days else None
 
+    @property
+    def blob_refresh_seconds(self) -> int | None:
+        """Age past which a reused blob is made new again: half its life, so it outlives any image
+        recorded now (image records live at most as long; see `image_ttl`). None: blobs never expire."""
+        return self.layer_expiry_days * 86400 // 2 if self.layer_expiry_days else None
+
+    def image_ttl(self, pinned: bool) -> int:
+        """Seconds an image record lives: never longer than the blobs it names are sure to stay."""
+        ttl = self.pinned_manifest_ttl if pinned else self.manifest_ttl
+        return min(ttl, self.blob_refresh_seconds) if self.blob_refresh_seconds else ttl
+
     def commit_tag_allowed(self, commit: str) -> bool:
         return "any" in self.commit_tags or commit in self.commit_tags
 

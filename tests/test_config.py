@@ -102,3 +102,12 @@ def test_only_config_reads_settings_from_the_environment():
     readers = {str(p.relative_to(ROOT / "builder")) for p in (ROOT / "builder").rglob("*.py")
                if re.search(r"os\.environ|getenv", p.read_text())}
     assert readers <= {"config.py"} | passes_it_on
+
+
+def test_image_records_never_outlive_the_blobs_they_name():
+    config = Config.from_env({"LAYER_EXPIRY_DAYS": "30"})
+    assert config.blob_refresh_seconds == 15 * 86400
+    assert config.image_ttl(pinned=True) == 15 * 86400  # 30 days asked, capped by the blobs' life
+    assert config.image_ttl(pinned=False) == config.manifest_ttl
+    never = Config.from_env({"LAYER_EXPIRY_DAYS": "0"})
+    assert never.blob_refresh_seconds is None and never.image_ttl(pinned=True) == never.pinned_manifest_ttl

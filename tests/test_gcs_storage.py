@@ -389,3 +389,24 @@ def test_from_config_with_registry_env(gcs_registry_env, gcs_bucket, gcs_service
     assert url.startswith(gcs_registry_env["STORAGE_EMULATOR_HOST"] + "/" + gcs_bucket.name + "/")
     verify_signed_url(url, gcs_service_account_key.public_key, gcs_service_account_key.email, 300)
     assert fetch(url) == data
+
+
+@pytest.mark.parametrize("size", [1000, 2 * CHUNK + 7], ids=["one-request", "streamed"])
+def test_a_reused_object_past_half_its_life_is_made_new_for_the_age_rule(gcs_emulator, gcs_bucket, size):
+    data = os.urandom(size)
+    digest, md5 = blob_of(data)
+    young = storage_for(gcs_emulator, gcs_bucket.name, public=True, refresh_after=3600)
+    assert upload(young, data) is True
+    first = gcs_bucket.get_blob(blob_key(digest))
+    assert young.verify(digest, size, md5) and upload(young, data) is False
+    assert gcs_bucket.get_blob(blob_key(digest)).generation == first.generation  # young: left alone
+    # Past the refresh age, a reuse (the check before reuse, or an upload of the same bytes) makes
+    # the object new, so the bucket's age rule counts from now.
+    old = storage_for(gcs_emulator, gcs_bucket.name, public=True, refresh_after=0)
+    assert old.verify(digest, size, md5)
+    kept = gcs_bucket.get_blob(blob_key(digest))
+    assert kept.generation > first.generation and kept.time_created >= first.time_created
+    assert (kept.md5_hash, kept.size) == (first.md5_hash, first.size)
+    assert upload(old, data) is False
+    assert gcs_bucket.get_blob(blob_key(digest)).generation > kept.generation
+    assert fetch(old.url_for(digest)) == data

@@ -188,6 +188,7 @@ class GcsUpload:
         storage_ = self._storage
         current = storage_._probe(digest)
         if current is not None and current.md5_hash == _b64_md5(md5_hex):
+            storage_._keep(current)
             return False  # abort() cancels the session: nothing was finalized
         # From here on a temporary object may exist (even if the answer to the last chunk is lost).
         self._finalized = True
@@ -241,6 +242,7 @@ class GcsStorage:
         chunk_size: int = CHUNK_SIZE,
         retry: Retry = DEFAULT_RETRY.with_timeout(60.0),
         timeout: float | tuple[float, float] = (10.0, 60.0),
+        refresh_after: float | None = None,
     ):
         if chunk_size <= 0 or chunk_size % (256 << 10):
             raise ValueError("chunk_size must be a positive multiple of 256 KiB")
@@ -252,6 +254,9 @@ class GcsStorage:
         self.chunk_size = chunk_size
         self.retry = retry
         self.timeout = timeout
+        # An object older than this is rewritten when it is reused, so the bucket's age rule
+        # (LAYER_EXPIRY_DAYS) never deletes a blob that a newly recorded image names.
+        self.refresh_after = refresh_after
         self._urls: dict[str, tuple[float, str]] = {}
         self._urls_lock = threading.Lock()
 
@@ -290,6 +295,7 @@ class GcsStorage:
             public=config.gcs_public,
             url_ttl=config.gcs_signed_url_ttl,
             endpoint=endpoint,
+            refresh_after=config.blob_refresh_seconds,
         )
 
     # -- errors -----------------------------------------------------------------
@@ -356,6 +362,7 @@ class GcsStorage:
         current = self._probe(digest)
         for _ in range(3):
             if current is not None and current.md5_hash == _b64_md5(md5_hex):
+                self._keep(current)
                 return False
             blob = self.bucket.blob(blob_key(digest))
             blob.md5_hash = _b64_md5(md5_hex)  # GCS refuses the object if the bytes differ
@@ -376,6 +383,7 @@ class GcsStorage:
         """Copy a finalized temporary object to the blob's key, unless an equal one got there first."""
         for _ in range(3):
             if current is not None and current.md5_hash == _b64_md5(md5_hex):
+                self._keep(current)
                 return False
             destination = self.bucket.blob(blob_key(digest))
             destination.content_type = media_type
@@ -430,7 +438,34 @@ class GcsStorage:
     def verify(self, digest: str, size: int, md5_hex: str) -> bool:
         # One metadata read: GCS computed md5Hash from the bytes it received (and checked it then).
         blob = self._probe(digest)
-        return blob is not None and blob.size == size and blob.md5_hash == _b64_md5(md5_hex)
+        if blob is None or blob.size != size or blob.md5_hash != _b64_md5(md5_hex):
+            return False
+        self._keep(blob)
+        return True
+
+    def _keep(self, blob: storage.Blob) -> None:
+        """Reset the age of an object reused now: a rewrite onto itself is a new generation.
+
+        GCS copies an object onto itself only with a change, so the rewrite stamps a metadata
+        field. Losing a race to another writer is fine: that writer made it new too.
+        """
+        if self.refresh_after is None or blob.time_created is None:
+            return
+        if time.time() - blob.time_created.timestamp() < self.refresh_after:
+            return
+        destination = self.bucket.blob(blob.name)
+        destination.content_type = blob.content_type
+        destination.metadata = {**(blob.metadata or {}), "kept": str(int(time.time()))}
+        try:
+            with self.errors(f"refreshing {blob.name}"):
+                token = None
+                while True:
+                    token, _, _ = destination.rewrite(blob, token=token, if_generation_match=blob.generation,
+                                                      retry=self.retry, timeout=self.timeout)
+                    if token is None:
+                        break
+        except gexc.PreconditionFailed:
+            pass
 
     def locate(self, digest: str) -> Redirect | None:
         blob = self._probe(digest)
