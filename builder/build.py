@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from . import (admission, archive, bootstrap, contents, coordination, errors, layers, logs, manifest, names, nix,
@@ -119,8 +119,7 @@ class ImageBuilder:
         self._nix_settings_lock = threading.Lock()
         self.store_root = config.nix_store or "/"
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._in_flight: dict[str, Future] = {}
-        self._in_flight_lock = threading.Lock()
+        self._in_flight: coordination.SingleFlight[ImageRecord] = coordination.SingleFlight()
         self.admission = admission.BuildAdmission(config.builds_per_client_per_hour)
         # Set when the instance is told to stop: builds end, waits end, leases go back.
         self.stopping = threading.Event()
@@ -192,25 +191,9 @@ class ImageBuilder:
         record = self.cached_image(key)
         if record is not None:
             return record
-        with self._in_flight_lock:
-            future = self._in_flight.get(key)
-            leader = future is None
-            if leader:
-                # A build starts here: counted against the requesting client (429 when over its share).
-                self.admission.admit(admission.CLIENT.get())
-                future = self._in_flight[key] = Future()
-        if not leader:
-            return future.result()
-        try:
-            record = self._coordinated_build(request, tag, source, key)
-            future.set_result(record)
-            return record
-        except BaseException as e:
-            future.set_exception(e)
-            raise
-        finally:
-            with self._in_flight_lock:
-                del self._in_flight[key]
+        # A build that starts here is counted against the requesting client (429 when over its share).
+        return self._in_flight.run(key, lambda: self._coordinated_build(request, tag, source, key),
+                                   on_lead=lambda: self.admission.admit(admission.CLIENT.get()))
 
     def _coordinated_build(self, request: names.ImageRequest, tag: str, source: sources.PackageSource,
                            key: str) -> ImageRecord:

@@ -12,9 +12,12 @@ import fcntl
 import os
 import threading
 import time
-from typing import Callable, Iterator
+from concurrent.futures import Future
+from typing import Callable, Generic, Iterator, TypeVar
 
 from . import errors
+
+T = TypeVar("T")
 
 # A cgroup limit this large (or "max") means no limit: read the machine's memory instead.
 _NO_LIMIT = 1 << 60
@@ -139,3 +142,33 @@ class BuildSlots:
                 raise errors.Unavailable("this instance is busy with other builds; try again shortly")
             if stopping.wait(self._poll):
                 raise errors.Unavailable("this instance is stopping; try again")
+
+
+class SingleFlight(Generic[T]):
+    """One call per key at a time in this process: callers for a key in flight share its outcome."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    def run(self, key: str, call: Callable[[], T], on_lead: Callable[[], None] = lambda: None) -> T:
+        """`call()`'s result (or exception), computed once for every caller that comes while it runs.
+        `on_lead` runs, under the lock, only for the caller that starts it (and may refuse by raising)."""
+        with self._lock:
+            future = self._in_flight.get(key)
+            leader = future is None
+            if leader:
+                on_lead()
+                future = self._in_flight[key] = Future()
+        if not leader:
+            return future.result()
+        try:
+            result = call()
+            future.set_result(result)
+            return result
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._in_flight[key]

@@ -7,13 +7,13 @@ and named in the index, the request fails only when all do. Why: docs/design.md.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from . import errors, manifest, names, sources
 from .build import ImageBuilder
+from .coordination import SingleFlight
 from .cache import ImageRecord, ManifestRef
 
 # The longest reason for an omitted platform that an index notes.
@@ -54,8 +54,7 @@ class IndexBuilder:
     def __init__(self, builder: ImageBuilder, platforms: tuple[str, ...]):
         self.builder = builder
         self.platforms = platforms
-        self._in_flight: dict[str, Future] = {}
-        self._in_flight_lock = threading.Lock()
+        self._in_flight: SingleFlight[ImageRecord] = SingleFlight()
 
     def serves(self, request: names.ImageRequest) -> bool:
         """Whether this name gets an index: platforms are configured and the name chose none."""
@@ -69,23 +68,7 @@ class IndexBuilder:
         record = self.builder.cached_image(key)
         if record is not None:
             return record
-        with self._in_flight_lock:
-            future = self._in_flight.get(key)
-            leader = future is None
-            if leader:
-                future = self._in_flight[key] = Future()
-        if not leader:
-            return future.result()
-        try:
-            record = self._assemble(request, images, tag, source, key)
-            future.set_result(record)
-            return record
-        except BaseException as e:
-            future.set_exception(e)
-            raise
-        finally:
-            with self._in_flight_lock:
-                del self._in_flight[key]
+        return self._in_flight.run(key, lambda: self._assemble(request, images, tag, source, key))
 
     def _images_named(self, request: names.ImageRequest) -> dict[str, names.ImageRequest | errors.RegistryError]:
         """Platform -> the image its name (`arm64/<name>`) asks for: the same request, key and digest."""
