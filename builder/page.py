@@ -505,34 +505,34 @@ def _index_html(about: dict[str, Any]) -> str:
             "(<code>docker pull --platform linux/arm64</code>); a leading <code>arm64</code> names that image alone.")
 
 
+def _listing(items: list[dict[str, Any]], empty: str, head: str, row: Callable[[dict[str, Any]], str]) -> str:
+    """A table of `items`, a row each, under the column heads `head`; `empty` when there are none."""
+    if not items:
+        return f'<p class="empty">{empty}</p>'
+    rows = "".join(row(item) for item in items)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+
+
 def _building_html(building: list[dict[str, Any]], now: float) -> str:
-    if not building:
-        return '<p class="empty">Nothing is building right now.</p>'
-    rows = "".join(
-        f"<tr><td><span class=\"dot\"></span><code>{e(b['name'])}:{e(b['tag'])}</code></td>"
-        f"<td class=\"hide-small\">{e(b['platform'])}</td><td><span class=\"badge run\">{e(b['phase'])}</span></td>"
-        f"<td class=\"num\">{_time(b['since_unix'], now)}</td></tr>"
-        for b in building
-    )
-    return ('<div class="scroll"><table><thead><tr><th>image</th><th class="hide-small">platform</th><th>phase</th>'
-            f'<th class="num">since</th></tr></thead><tbody>{rows}</tbody></table></div>')
+    return _listing(
+        building, "Nothing is building right now.",
+        '<th>image</th><th class="hide-small">platform</th><th>phase</th><th class="num">since</th>',
+        lambda b: f"<tr><td><span class=\"dot\"></span><code>{e(b['name'])}:{e(b['tag'])}</code></td>"
+                  f"<td class=\"hide-small\">{e(b['platform'])}</td><td><span class=\"badge run\">{e(b['phase'])}</span></td>"
+                  f"<td class=\"num\">{_time(b['since_unix'], now)}</td></tr>")
 
 
 def _images_html(images: list[dict[str, Any]], now: float) -> str:
-    if not images:
-        return '<p class="empty">No image has been built recently.</p>'
-    rows = "".join(
-        f"<tr><td><a href=\"{e(i['page'])}\"><code>{e(i['name'])}:{e(i['tag'])}</code></a>"
-        f"<div class=\"muted\">{e(i['platform'])}</div></td>"
-        f"<td class=\"hide-small\">{_short(i['digest'])}</td>"
-        f"<td class=\"num\">{e(human_size(i['size']))}</td><td class=\"num hide-small\">{i['layers']}</td>"
-        f"<td class=\"num hide-small\">{e(duration(i['build_seconds']))}</td>"
-        f"<td class=\"num\">{_time(i['finished_unix'], now)}</td></tr>"
-        for i in images
-    )
-    return ('<div class="scroll"><table><thead><tr><th>image</th><th class="hide-small">digest</th>'
-            '<th class="num">size</th><th class="num hide-small">layers</th><th class="num hide-small">build</th>'
-            f'<th class="num">built</th></tr></thead><tbody>{rows}</tbody></table></div>')
+    return _listing(
+        images, "No image has been built recently.",
+        '<th>image</th><th class="hide-small">digest</th><th class="num">size</th>'
+        '<th class="num hide-small">layers</th><th class="num hide-small">build</th><th class="num">built</th>',
+        lambda i: f"<tr><td><a href=\"{e(i['page'])}\"><code>{e(i['name'])}:{e(i['tag'])}</code></a>"
+                  f"<div class=\"muted\">{e(i['platform'])}</div></td>"
+                  f"<td class=\"hide-small\">{_short(i['digest'])}</td>"
+                  f"<td class=\"num\">{e(human_size(i['size']))}</td><td class=\"num hide-small\">{i['layers']}</td>"
+                  f"<td class=\"num hide-small\">{e(duration(i['build_seconds']))}</td>"
+                  f"<td class=\"num\">{_time(i['finished_unix'], now)}</td></tr>")
 
 
 def _failures_html(failures: list[dict[str, Any]], now: float) -> str:

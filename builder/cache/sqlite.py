@@ -256,12 +256,7 @@ class SqliteCache:
             )
 
     def recent_images(self, now: float, limit: int) -> list[BuiltImage]:
-        with self._guarded():
-            rows = self._db.execute(
-                "SELECT summary FROM recent_images INDEXED BY recent_images_finished"
-                " WHERE expires_at > ? ORDER BY finished DESC LIMIT ?", (now, limit)
-            ).fetchall()
-        return [_built_image(json.loads(summary), []) for (summary,) in rows]
+        return [_built_image(json.loads(summary), []) for summary in self._newest("recent_images", "summary", now, limit)]
 
     def built_image(self, digest: str, now: float) -> BuiltImage | None:
         with self._guarded():
@@ -279,12 +274,16 @@ class SqliteCache:
             )
 
     def recent_failures(self, now: float, limit: int) -> list[FailedBuild]:
+        return [FailedBuild(**json.loads(record)) for record in self._newest("recent_failures", "record", now, limit)]
+
+    def _newest(self, table: str, column: str, now: float, limit: int) -> list[str]:
+        """`column` of the unexpired rows of `table` (recent_images or recent_failures), newest first."""
         with self._guarded():
             rows = self._db.execute(
-                "SELECT record FROM recent_failures INDEXED BY recent_failures_finished"
+                f"SELECT {column} FROM {table} INDEXED BY {table}_finished"
                 " WHERE expires_at > ? ORDER BY finished DESC LIMIT ?", (now, limit)
             ).fetchall()
-        return [FailedBuild(**json.loads(record)) for (record,) in rows]
+        return [value for (value,) in rows]
 
     def report_build(self, key: str, holder: str, progress: BuildProgress) -> None:
         with self._guarded():
