@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .archive import COMPRESSIONS
 from .errors import ServerError
 from .names import ARCHITECTURES
 from .sources import NIXPKGS_ARCHIVE, NIXPKGS_CHANNELS
@@ -193,7 +194,7 @@ class Config:
             raise ServerError("configuration: LAYER_EXPIRY_DAYS must be 0 (never) or at least 2 days")
         if "{rev}" not in self.nixpkgs_archive_url:
             raise ServerError("configuration: NIXPKGS_ARCHIVE_URL must hold {rev}, where the commit goes")
-        if self.compression not in ("gzip", "zstd", "none"):
+        if self.compression not in COMPRESSIONS:
             raise ServerError("configuration: LAYER_COMPRESSION must be gzip, zstd or none")
         if self.pack_workers < 0:
             raise ServerError("configuration: PACK_WORKERS must be 0 (one per CPU) or more")
