@@ -242,7 +242,8 @@ def resolution_round(i: int, root: Path, scratch: Path, base_env: dict, gcs: Gcs
         row["a_pull"] = pull(first, "hello", scratch / f"res{i}-oci-a")
         [booted] = first.events("nix-bootstrap")
         event = built(first, "hello")
-        row.update(a_bootstrap=booted["duration"], a_evaluate=event["seconds"].get("evaluate", 0.0),
+        row.update(a_bootstrap=booted["duration"], a_fetch=event["seconds"].get("fetch", 0.0),
+                   a_evaluate=event["seconds"].get("evaluate", 0.0),
                    a_substitute=event["seconds"].get("substitute", 0.0), a_pack=event["seconds"].get("pack", 0.0),
                    a_build=event["duration"], a_tmp=first.tmp_used_bytes())
         row["a_manifest"] = get_manifest(first, "hello")  # cached now: the pull's own manifest GET built it
@@ -375,7 +376,7 @@ def measure_resolution(args, root: Path, scratch: Path, env: dict, gcs: GcsEmula
           f"({mib(tarball.stat().st_size)} .tar.gz), {args.rounds} rounds (median, min, max; seconds)\n")
     print(f"download of the tarball alone (loopback): {download:.2f} s; fetchTarball (download + unpack into "
           f"the store, tmpfs): {fetch['first']:.2f} s, tmpfs {mib(fetch['tmpfs_used'])}")
-    for key_name in ("a_pull", "a_build", "a_bootstrap", "a_evaluate", "a_substitute", "a_pack", "a_manifest",
+    for key_name in ("a_pull", "a_build", "a_bootstrap", "a_fetch", "a_evaluate", "a_substitute", "a_pack", "a_manifest",
                      "b_manifest", "b_build", "b_substitute", "b_pack", "c_manifest", "c_build", "c_substitute",
                      "c_pack"):
         print(f"{key_name:14} {summary(rows, key_name)}")

@@ -544,6 +544,16 @@ def realise(
     )
 
 
+def fetch_package_set(source: "PackageSource", system: str, settings: NixSettings) -> bool:
+    """Fetch and load the package set alone (`nix/image.nix` asked for no names); whether it loaded.
+
+    Concurrent evaluations of a set not fetched yet would each download and unpack it; one
+    fetch first lets the others find it in Nix's fetch cache and the store.
+    """
+    with _store_lock(settings, fcntl.LOCK_SH):
+        return _evaluate([], source, system, settings, _Deadline(settings.timeout), strict=True).returncode == 0
+
+
 def realise_paths(paths: Sequence[str], settings: NixSettings, gc_root_dir: str) -> None:
     """Make store paths valid here by path alone, from the local store or a binary cache.
 

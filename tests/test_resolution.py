@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,11 @@ def test_a_package_whose_tree_was_not_recorded_is_realised_by_path_not_evaluated
     assert calls(log, "nix-store") == 1  # hello's output, by path, from the binary cache
     alone = instances("alone", shared=False)
     assert oci_digest(alone.image(request("coreutils/hello"), "latest")) == oci_digest(record)
+
+
+def test_builds_at_once_on_a_fresh_instance_fetch_the_package_set_once(instances, channel):
+    fresh = instances("fresh")
+    with ThreadPoolExecutor(2) as pool:
+        images = list(pool.map(lambda name: fresh.image(request(name), "latest"), ["hello", "coreutils"]))
+    assert all(image.manifests for image in images)
+    assert channel.tarballs() == 1
