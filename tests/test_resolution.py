@@ -206,7 +206,7 @@ def test_records_expire_like_the_image_cache(instances, nix_log):
     key = resolution.package_key(source, "x86_64-linux", "hello")
     fact = first.cache.inner.get_facts(resolution.PACKAGE, [key], time.time())[key]
     assert source.pinned
-    assert abs(fact.expires_at - (time.time() + first.config.pinned_manifest_ttl)) < 60
+    assert abs(fact.expires_at - (time.time() + first.config.image_ttl(True))) < 60
     assert first.cache.inner.get_facts(resolution.PACKAGE, [key], fact.expires_at + 1) == {}
 
 
