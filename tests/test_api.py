@@ -316,9 +316,27 @@ def connection_holders(port: int) -> list[int]:
     return [int(pid) for pid in re.findall(r"pid=(\d+)", out)]
 
 
+def wait_for_both_workers(registry) -> None:
+    """The registry answers once its first worker is up; the second boots a moment later."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        clients = [http.client.HTTPConnection(registry.host, timeout=30) for _ in range(2)]
+        for client in clients:
+            client.request("GET", "/v2/")
+            client.getresponse().read()
+        holders = set(connection_holders(registry.port))
+        for client in clients:
+            client.close()
+        time.sleep(0.3)
+        if len(holders) == 2:
+            return
+    raise AssertionError("the second worker never took a connection")
+
+
 @pytest.mark.parametrize("connections", [2, 8])
 def test_keep_alive_connections_are_spread_evenly_over_the_workers(start_registry, connections):
     registry = start_registry({"WORKERS": "2", "THREADS": "8"})
+    wait_for_both_workers(registry)
     for _ in range(3):  # each round on new connections
         clients = [http.client.HTTPConnection(registry.host, timeout=30) for _ in range(connections)]
         for _ in range(2):  # a connection a worker gives up after its first answer is made again
