@@ -50,10 +50,10 @@ let
   '' { };
 
   # Deterministic, incompressible bytes from busybox alone. awk is slow
-  # (~1 MB/s), so it makes one 1 MiB block from the seed and every further
+  # (~1 MB/s), so it makes one 1 MiB block from SEED (awk's srand) and every further
   # block is the previous one with each byte value rotated by one (`tr`).
   # Blocks repeat only every 256 MiB, far beyond gzip's 32 KiB window.
-  # Writes COUNT files of 1 MiB each into DIR.
+  # genBytes SEED COUNT DIR writes COUNT files of 1 MiB each into DIR.
   genBytes = ''
     genBytes() {
       seed=$1 count=$2 dir=$3
