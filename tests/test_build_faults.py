@@ -4,6 +4,7 @@ instance, and builds bounded by the instance's memory (a real cgroup limit).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -126,22 +127,51 @@ sys.exit(subprocess.call(["{real}"] + sys.argv[1:]))
 """
 
 
+class MemoryGroup:
+    """A cgroup v1 memory group (root only); processes started inside it stay in it."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, name: str, limit_bytes: int | None = None):
+        if not (self.ROOT / "cgroup.procs").exists():
+            raise RuntimeError("cgroup v1 memory controller not mounted at /sys/fs/cgroup/memory")
+        self.path = self.ROOT / f"{name}-{os.getpid()}"
+        self.path.mkdir()
+        if limit_bytes is not None:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+
+    @contextlib.contextmanager
+    def entered(self):
+        """This process inside the group meanwhile: what it starts is born there, and stays."""
+        home = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                    if ":memory:" in line)
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            (self.ROOT / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak_bytes(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def reset_peak(self) -> None:
+        (self.path / "memory.max_usage_in_bytes").write_text("0")
+
+    def remove(self) -> None:
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                (self.ROOT / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # already gone
+        self.path.rmdir()
+
+
 @pytest.fixture
 def memory_cgroup():
-    """A cgroup v1 memory controller group of 700 MiB (the tests run as root)."""
-    root = Path("/sys/fs/cgroup/memory")
-    if not (root / "cgroup.procs").exists():
-        pytest.fail("cgroup v1 memory controller not mounted at /sys/fs/cgroup/memory")
-    group = root / f"registry-test-{os.getpid()}"
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(700 << 20))
+    """A memory group of 700 MiB (the tests run as root)."""
+    group = MemoryGroup("registry-test", 700 << 20)
     yield group
-    for pid in (group / "cgroup.procs").read_text().split():
-        try:
-            (root / "cgroup.procs").write_text(pid)
-        except OSError:
-            pass
-    group.rmdir()
+    group.remove()
 
 
 def test_sixteen_cold_builds_in_a_memory_capped_instance_all_succeed(start_registry, tmp_path, memory_cgroup):
@@ -158,19 +188,14 @@ def test_sixteen_cold_builds_in_a_memory_capped_instance_all_succeed(start_regis
     demo = gated_demo(tmp_path)
     demo.gate.unlink()
     # 700 MiB and 200 MiB a build: two builds at once. Sixteen at once would need 2.5 GiB.
-    # Started inside the group (children inherit it), so the instance sees its limit from the start.
-    home = Path("/proc/self/cgroup").read_text()
-    home = next(line.split(":", 2)[2] for line in home.splitlines() if ":memory:" in line)
-    (memory_cgroup / "cgroup.procs").write_text(str(os.getpid()))
-    try:
+    # Started inside the group, so the instance sees its limit from the start.
+    with memory_cgroup.entered():
         registry = start_registry(shared_state(tmp_path, demo.path, WORKERS="1", THREADS="16",
                                                NIX_BIN_DIR=str(bin_dir), BUILD_MEMORY_BYTES=str(200 << 20)))
-    finally:
-        (Path("/sys/fs/cgroup/memory" + home) / "cgroup.procs").write_text(str(os.getpid()))
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(
             lambda name: registry.get(f"/v2/{name}/manifests/latest", headers=OCI, timeout=300), COLD_IMAGES[:16]))
     assert [r.status_code for r in responses] == [200] * 16
     assert registry.process.poll() is None
     assert len(registry.builds()) == 16
-    assert int((memory_cgroup / "memory.max_usage_in_bytes").read_text()) < 700 << 20
+    assert memory_cgroup.peak_bytes() < 700 << 20
