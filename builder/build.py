@@ -292,8 +292,9 @@ class ImageBuilder:
         """Nix for this instance, bootstrapped at the first build that needs it (never for a cached image)."""
         with self._nix_settings_lock:
             if self._nix_settings is None:
-                self._nix_settings = nix_settings(self.config, bootstrap.ensure_nix(self.config, self.log),
-                                                  self.running)
+                settings = nix_settings(self.config, bootstrap.ensure_nix(self.config, self.log), self.running)
+                nix.init_store(settings)  # before any two builds can meet in a new store
+                self._nix_settings = settings
             return self._nix_settings
 
     def _build(self, request: names.ImageRequest, tag: str, source: sources.PackageSource, key: str,

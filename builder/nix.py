@@ -602,6 +602,20 @@ _PATH_BYTES_LOCK = threading.Lock()
 _CANONICAL_MTIME = 1
 
 
+def init_store(settings: NixSettings) -> None:
+    """Create the store's database and folders, once, before builds run at once.
+
+    Nix creates them on first use, and two processes doing that together on a new
+    (chroot) store fail ("database is busy", "creating symlink ... File exists"):
+    on the function every instance starts with an empty store, and an index request
+    starts one build per platform at the same moment.
+    """
+    result = _run([_binary(settings, "nix-store"), "--init", *_options(settings)],
+                  _Deadline(settings.timeout), "opening the store", running=settings.running)
+    if result.returncode != 0:
+        raise NixUnavailable("cannot open the Nix store: " + error_message(result.stderr))
+
+
 def store_bytes_used(settings: NixSettings) -> int:
     """Bytes the store holds: the sizes of the files under its root (a chroot store's database too).
 

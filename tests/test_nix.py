@@ -1,6 +1,8 @@
 """builder.nix against real Nix and the demo package set (nix/demo)."""
 from __future__ import annotations
 
+import concurrent.futures
+
 import fcntl
 import gzip
 import json
@@ -202,6 +204,20 @@ def test_concurrent_builds_of_the_same_paths(settings, tmp_path):
     assert all(isinstance(r, nix.Closure) for r in results.values()), results
     assert results[0].roots == results[1].roots
     assert results[0].paths == results[1].paths
+
+
+def test_a_new_chroot_store_opened_first_takes_builds_at_once(tmp_path):
+    # As on a fresh function instance: an empty store, two builds (an index's platforms) at once.
+    # Nix creating a new store's database in two processes together fails now and then.
+    for attempt in range(3):
+        store = NixSettings(timeout=300, store=str(tmp_path / f"store{attempt}"))
+        nix.init_store(store)
+        assert (tmp_path / f"store{attempt}" / "nix" / "var" / "nix" / "db" / "db.sqlite").is_file()
+        source, _ = fresh_demo(tmp_path / f"demo{attempt}")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            closures = list(pool.map(lambda i: realise(["hello"], source, store, tmp_path / f"{attempt}-{i}"),
+                                     range(2)))
+        assert closures[0].roots == closures[1].roots
 
 
 def test_big_package(demo, settings, tmp_path):
