@@ -87,6 +87,13 @@ def calls(log: Path, tool: str, but: str | None = None) -> int:
                if line.split(" ", 1)[0] == tool and (but is None or but not in line.split()))
 
 
+def hello_fact(instance):
+    """The key and the resolution record of `hello` that `instance` built and recorded."""
+    instance.image(request("hello"), "latest")
+    key = resolution.package_key(instance.resolve_source("latest"), "x86_64-linux", "hello")
+    return key, instance.cache.inner.get_facts(resolution.PACKAGE, [key], time.time())[key]
+
+
 @pytest.fixture
 def instances(tmp_path, channel, nix_log, binary_cache):
     """make(name, **env): a fresh instance over the shared cache and storage (or its own: shared=False)."""
@@ -169,11 +176,8 @@ def test_only_never_resolved_names_are_evaluated(instances, nix_log):
 def test_a_recorded_path_no_binary_cache_has_falls_back_to_evaluation_and_is_replaced(instances, nix_log):
     _, log = nix_log
     first = instances("first")
-    first.image(request("hello"), "latest")
-    source = first.resolve_source("latest")
-    key = resolution.package_key(source, "x86_64-linux", "hello")
-    cache = first.cache.inner
-    true_fact = cache.get_facts(resolution.PACKAGE, [key], time.time())[key].value
+    key, fact = hello_fact(first)
+    cache, true_fact = first.cache.inner, fact.value
     # A wrong record: hello resolved to a path nobody can substitute.
     bogus = "/nix/store/" + "0" * 32 + "-hello-bogus"
     wrong = {**true_fact, "resolved": {**true_fact["resolved"], "path": bogus}, "closure": [bogus], "tree": None}
@@ -203,11 +207,8 @@ def test_a_moving_channel_never_uses_records_of_its_old_commit(instances, channe
 def test_records_expire_like_the_image_cache(instances, nix_log):
     _, log = nix_log
     first = instances("first")
-    first.image(request("hello"), "latest")
-    source = first.resolve_source("latest")
-    key = resolution.package_key(source, "x86_64-linux", "hello")
-    fact = first.cache.inner.get_facts(resolution.PACKAGE, [key], time.time())[key]
-    assert source.pinned
+    key, fact = hello_fact(first)
+    assert first.resolve_source("latest").pinned
     assert abs(fact.expires_at - (time.time() + first.config.image_ttl(True))) < 60
     assert first.cache.inner.get_facts(resolution.PACKAGE, [key], fact.expires_at + 1) == {}
 
@@ -215,12 +216,9 @@ def test_records_expire_like_the_image_cache(instances, nix_log):
 def test_a_package_whose_tree_was_not_recorded_is_realised_by_path_not_evaluated(instances, nix_log):
     _, log = nix_log
     first = instances("first")
-    first.image(request("hello"), "latest")
+    key, fact = hello_fact(first)
     first.image(request("coreutils"), "latest")
-    source = first.resolve_source("latest")
-    key = resolution.package_key(source, "x86_64-linux", "hello")
     cache = first.cache.inner
-    fact = cache.get_facts(resolution.PACKAGE, [key], time.time())[key]
     cache.put_facts(resolution.PACKAGE, {key: {**fact.value, "tree": None}}, fact.expires_at)  # too large to record
 
     log.write_text("")
