@@ -24,8 +24,8 @@ locals {
 
 # The cache collections whose documents expire (builder/cache): built images, build
 # leases, facts (channel commits, package resolutions, closure facts), and the front
-# page's recent images and failures. Firestore deletes a document some time (typically within a day) after its
-# expires_at passes; readers already treat expired records as absent, so this only keeps
+# page's recent images and failures. Firestore deletes a document some time (typically
+# within a day) after its expires_at passes; readers already treat expired records as absent, so this only keeps
 # the collections from growing.
 resource "google_firestore_field" "manifests_expiry" {
   project    = var.project
@@ -80,7 +80,7 @@ resource "google_firestore_field" "recent_images_expiry" {
 
   ttl_config {}
 
-  depends_on = [google_firestore_field.facts_expiry]
+  depends_on = [google_firestore_field.layers_expiry]
 }
 
 resource "google_firestore_field" "recent_failures_expiry" {

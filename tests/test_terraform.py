@@ -529,3 +529,15 @@ def test_the_archive_stub_turns_archive_file_into_a_local_the_module_still_parse
     for path in tmp_path.glob("*.tf"):
         with path.open() as f:
             hcl2.load(f)
+
+
+
+def test_the_ttl_field_operations_run_one_after_another():
+    # Firestore refuses overlapping field operations on one database: the TTL fields form one chain.
+    fields = resources("google_firestore_field")
+    after = {name: [d.removeprefix("${google_firestore_field.").removesuffix("}") for d in body.get("depends_on", [])
+                    if d.startswith("${google_firestore_field.")]
+             for name, body in fields.items()}
+    assert sorted(len(deps) for deps in after.values()) == [0] + [1] * (len(fields) - 1)
+    followers = [deps[0] for deps in after.values() if deps]
+    assert len(set(followers)) == len(followers), "two field operations wait on the same one and overlap"
