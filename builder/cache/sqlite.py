@@ -54,9 +54,14 @@ def _connect(path: str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
-        # A build's progress lives in its lease row; files made before it existed gain the column.
-        if "progress" not in {row[1] for row in db.execute("PRAGMA table_info(builds)")}:
-            db.execute("ALTER TABLE builds ADD COLUMN progress TEXT")
+        # A build's progress lives in its lease row; files made before it existed gain the column,
+        # in one IMMEDIATE transaction: worker processes opening one file at once add it once.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if "progress" not in {row[1] for row in db.execute("PRAGMA table_info(builds)")}:
+                db.execute("ALTER TABLE builds ADD COLUMN progress TEXT")
+        finally:
+            db.execute("COMMIT")
         verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         if verdict != "ok":
             error = sqlite3.DatabaseError(f"quick_check: {verdict}")
