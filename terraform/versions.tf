@@ -11,6 +11,10 @@ terraform {
       source  = "hashicorp/archive"
       version = "2.7.1"
     }
+    http = {
+      source  = "hashicorp/http"
+      version = "3.6.1"
+    }
     time = {
       source  = "hashicorp/time"
       version = "0.13.1"

@@ -460,10 +460,36 @@ def test_required_apis_are_enabled():
         assert f"{api}.googleapis.com" in services
 
 
+def data_source(kind: str, name: str) -> dict[str, Any]:
+    for block in terraform().get("data", []):
+        if name in block.get(kind, {}):
+            return block[kind][name]
+    raise AssertionError(f"terraform has no data.{kind}.{name}")
+
+
+def test_the_service_agents_are_created_once_their_apis_are_enabled():
+    agents = data_source("http", "service_agent")
+    assert agents["for_each"] == "${local.service_agent_apis}"
+    agent_apis = set(re.findall(r"[a-z]+\.googleapis\.com", local("service_agent_apis")))
+    assert agent_apis == {"cloudfunctions.googleapis.com", "run.googleapis.com", "cloudbuild.googleapis.com",
+                          "artifactregistry.googleapis.com"}
+    assert all(api in local("services") for api in agent_apis)  # enabled by the module itself
+    assert agents["method"] == "POST"
+    assert agents["url"] == ("https://serviceusage.googleapis.com/v1beta1/projects/${var.project}/services/"
+                             "${each.key}:generateServiceIdentity")
+    assert agents["request_headers"]["Authorization"] == "Bearer ${data.google_client_config.current.access_token}"
+    assert agents["depends_on"] == ["${google_project_service.apis}"]
+    # A failed call stops the apply with the API's answer, instead of a function build failing later.
+    [check] = agents["lifecycle"][0]["postcondition"]
+    assert check["condition"] == "${self.status_code == 200}"
+    assert "${self.response_body}" in check["error_message"]
+
+
 def test_the_function_waits_for_the_service_agents_its_apis_create():
     wait = resource("time_sleep", "service_agents")
     assert int(wait["create_duration"].rstrip("s")) >= 60
     assert "google_project_service.apis" in wait["triggers"]["apis"]
+    assert wait["depends_on"] == ["${data.http.service_agent}"]
     assert "${time_sleep.service_agents}" in function()["depends_on"]
     assert "${time_sleep.service_agents}" in resource("google_artifact_registry_repository", "builds")["depends_on"]
 
@@ -495,7 +521,7 @@ def test_bucket_names_stay_within_gcs_limits_and_memory_fits_the_cpu():
 
 def test_providers_are_pinned():
     providers = one(one(terraform()["terraform"])["required_providers"])
-    assert set(providers) == {"google", "archive", "time"}
+    assert set(providers) == {"google", "archive", "http", "time"}
     for name in providers:
         assert re.fullmatch(r"\d+\.\d+\.\d+", providers[name]["version"]), providers[name]
 
