@@ -84,7 +84,7 @@ if mode == "one":
     size, digest = blob.size, blob.digest
 else:
     infos = {{p: Info(args["sizes"][p]) for p in paths}}
-    plans = layers.plan_layers(infos, paths, 120)
+    plans = layers.plan_layers(infos, paths, 120, solo_bytes=0)  # every path a layer, as every path is a root
     if mode == "before":
         sys.path.insert(0, args["before_dir"])
         import archive_before

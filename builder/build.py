@@ -426,7 +426,8 @@ class ImageBuilder:
 
         Returns the record, the layers, how many were packed now, and each layer's store paths.
         """
-        plans = layers.plan_layers(closure.paths, list(closure.roots.values()), self.config.max_layers)
+        plans = layers.plan_layers(closure.paths, list(closure.roots.values()), self.config.max_layers,
+                                   solo_bytes=self.config.layer_solo_bytes)
         customisation_root = None
         if recorded:
             # Paths from records may not be here: realise those of layers not stored yet, by path.

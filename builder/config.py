@@ -76,6 +76,7 @@ class Config:
     # Images
     always_include: tuple[str, ...] = setting("ALWAYS_INCLUDE", ("cacert", "iana-etc"), _words)
     max_layers: int = setting("MAX_LAYERS", 100, _int)  # store-path layers; one more is the customisation layer
+    layer_solo_bytes: int = setting("LAYER_SOLO_BYTES", 1 << 20, _int)  # smaller paths share their package's layer
     max_packages: int = setting("MAX_PACKAGES", 64, _int)
     max_name_length: int = setting("MAX_NAME_LENGTH", 1024, _int)
     compression: str = setting("LAYER_COMPRESSION", "gzip")  # gzip | zstd | none
@@ -198,6 +199,8 @@ class Config:
             raise ServerError("configuration: LAYER_COMPRESSION must be gzip, zstd or none")
         if self.pack_workers < 0:
             raise ServerError("configuration: PACK_WORKERS must be 0 (one per CPU) or more")
+        if self.layer_solo_bytes < 0:
+            raise ServerError("configuration: LAYER_SOLO_BYTES must be 0 (every path its own layer) or more")
         if not 1 <= self.max_layers <= 120:
             raise ServerError("configuration: MAX_LAYERS must be between 1 and 120 (clients reject more than 125)")
         if self.build_lease_seconds < 3:

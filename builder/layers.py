@@ -1,9 +1,9 @@
 """Grouping a runtime closure into at most `budget` layers.
 
-Under budget every store path is a layer of its own; over budget the `budget - 1` biggest
-paths keep their own layer and the rest share one remainder layer, so a path's layer depends
-as little as possible on the rest of the image. Layers come base-most first. Why size ranking,
-and what it was measured against: docs/design.md, "Layering".
+Anchors (store paths of `solo_bytes` or more, requested packages) get a layer of their own; each
+smaller path shares a layer with the other small paths of one anchor reaching it (`_anchored`).
+Over budget the `budget - 1` biggest groups keep their layer, the rest share one. Layers come
+base-most first. Why, and what it was measured against: docs/design.md, "Layering".
 """
 from __future__ import annotations
 
@@ -47,16 +47,17 @@ def _key(*lines: str) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def plan_layers(paths: Mapping[str, StorePathInfo], roots: Sequence[str], budget: int) -> list[LayerPlan]:
+def plan_layers(paths: Mapping[str, StorePathInfo], roots: Sequence[str], budget: int, *,
+                solo_bytes: int) -> list[LayerPlan]:
+    """The layers of the closure `paths` of the requested `roots`, base-most first (see the module)."""
     if budget < 1:
         raise ValueError("layer budget must be at least 1")
     if not paths:
         return []
     graph = _Graph(paths, roots)
-    if len(graph.nodes) <= budget:
-        groups = [[i] for i in range(len(graph.nodes))]
-    else:
-        groups = _biggest_solo(graph, budget)
+    groups = _anchored(graph, solo_bytes)
+    if len(groups) > budget:
+        groups = _biggest_kept(graph, groups, budget)
     return [
         LayerPlan(tuple(sorted(graph.nodes[i] for i in group)), layer_key([graph.nodes[i] for i in group]),
                   sum(graph.sizes[i] for i in group))
@@ -84,6 +85,7 @@ class _Graph:
         self.order = self._postorder()  # dependencies before dependents
         self.depth = self._depth()
         self.popularity = self._popularity()
+        self.closure_size = self._closure_size()
 
     def _postorder(self) -> list[int]:
         seen = [False] * len(self.nodes)
@@ -122,10 +124,51 @@ class _Graph:
             above[node] = bits
         return [bits.bit_count() for bits in above]
 
+    def _closure_size(self) -> list[int]:
+        """How many paths (itself included) this path's closure holds: the same in every image."""
+        below = [0] * len(self.nodes)
+        for node in self.order:
+            bits = 1 << node
+            for r in self.refs[node]:
+                bits |= below[r]
+            below[node] = bits
+        return [bits.bit_count() for bits in below]
 
-def _biggest_solo(graph: _Graph, budget: int) -> list[list[int]]:
-    ranked = sorted(range(len(graph.nodes)), key=lambda i: (-graph.sizes[i], -graph.popularity[i], graph.nodes[i]))
-    return [[i] for i in ranked[: budget - 1]] + [ranked[budget - 1:]]
+
+def _anchored(graph: _Graph, solo_bytes: int) -> list[list[int]]:
+    """Anchors alone; every other path grouped by its owner: of the anchors reaching it through
+    non-anchors only, the one with the biggest closure (usually the requested package needing it).
+
+    An anchor's own layer never depends on what it owns, so big paths are shared as before; which
+    anchor owns a small path can differ between images (docs/design.md says what that costs).
+    `solo_bytes=0` makes every path an anchor: the earlier rule.
+    """
+    anchor = [size >= solo_bytes for size in graph.sizes]
+    for root in graph.roots:
+        anchor[root] = True
+    owner = [-1] * len(graph.nodes)
+    for node in reversed(graph.order):  # referrers before what they refer to
+        if anchor[node]:
+            continue
+        for referrer in graph.referrers[node]:
+            candidate = referrer if anchor[referrer] else owner[referrer]
+            if candidate >= 0 and (owner[node] < 0 or (graph.closure_size[candidate], candidate)
+                                   > (graph.closure_size[owner[node]], owner[node])):
+                owner[node] = candidate
+        if owner[node] < 0:  # only inside a reference cycle nothing else reaches
+            anchor[node] = True
+    owned: dict[int, list[int]] = {}
+    for node in range(len(graph.nodes)):
+        if not anchor[node]:
+            owned.setdefault(owner[node], []).append(node)
+    return [[node] for node in range(len(graph.nodes)) if anchor[node]] + [owned[a] for a in sorted(owned)]
+
+
+def _biggest_kept(graph: _Graph, groups: list[list[int]], budget: int) -> list[list[int]]:
+    """The `budget - 1` biggest groups (ties: the more popular, then the first name) and one remainder."""
+    ranked = sorted(groups, key=lambda g: (-sum(graph.sizes[i] for i in g), -max(graph.popularity[i] for i in g),
+                                           min(g)))
+    return ranked[: budget - 1] + [sorted(i for g in ranked[budget - 1:] for i in g)]
 
 
 def _order(graph: _Graph, groups: list[list[int]]) -> list[list[int]]:

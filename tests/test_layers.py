@@ -6,9 +6,22 @@ from dataclasses import dataclass
 
 import pytest
 
-from builder.layers import LayerPlan, customisation_key, layer_key, plan_layers
+from builder import layers
+from builder.config import Config
+from builder.layers import LayerPlan, customisation_key, layer_key
 
 pytestmark = pytest.mark.fast  # pure logic: part of scripts/test-fast
+
+SOLO = Config.layer_solo_bytes  # the deployed default: 1 MiB
+MiB = 1 << 20
+
+
+def plan_layers(paths, roots, budget, solo_bytes=SOLO) -> list[LayerPlan]:
+    return layers.plan_layers(paths, roots, budget, solo_bytes=solo_bytes)
+
+
+def solo_paths(plan: list[LayerPlan]) -> set[str]:
+    return {layer.paths[0] for layer in plan if len(layer.paths) == 1}
 
 
 @dataclass(frozen=True)
@@ -97,9 +110,9 @@ PACKAGES = {
 }
 
 
-def test_under_budget_one_layer_per_path():
+def test_solo_bytes_zero_gives_every_path_a_layer_of_its_own_under_budget():
     paths = closure(PACKAGES)
-    plan = plan_layers(paths, [sp("git"), sp("htop")], 100)
+    plan = plan_layers(paths, [sp("git"), sp("htop")], 100, solo_bytes=0)
     check_plan(paths, plan, 100)
     assert all(len(layer.paths) == 1 for layer in plan)
     assert_dependencies_first(paths, plan)
@@ -128,8 +141,8 @@ def test_shared_packages_share_layer_keys():
     universe = closure(PACKAGES, {"libc": 30_000_000, "vimdata": 40_000_000})
     one = restrict(universe, [sp("git"), sp("htop")])
     two = restrict(universe, [sp("curl"), sp("vim"), sp("bash")])
-    keys_one = {layer.key: layer.paths for layer in plan_layers(one, [sp("git"), sp("htop")], 100)}
-    keys_two = {layer.key: layer.paths for layer in plan_layers(two, [sp("curl"), sp("vim"), sp("bash")], 100)}
+    keys_one = {layer.key: layer.paths for layer in plan_layers(one, [sp("git"), sp("htop")], 100, 0)}
+    keys_two = {layer.key: layer.paths for layer in plan_layers(two, [sp("curl"), sp("vim"), sp("bash")], 100, 0)}
     shared = set(one) & set(two)
     assert {paths[0] for key, paths in keys_one.items() if key in keys_two} == shared
     # Over budget, the big and popular paths keep their own layers in both images.
@@ -189,19 +202,20 @@ def random_closure(rng: random.Random, count: int) -> tuple[dict[str, StorePath]
 def test_random_graphs(seed):
     rng = random.Random(seed)
     paths, roots = random_closure(rng, rng.randint(1, 250))
-    for budget in (1, 2, 3, rng.randint(1, 120), 100):
-        plan = plan_layers(paths, roots, budget)
-        check_plan(paths, plan, budget)
-        assert plan == plan_layers(dict(reversed(list(paths.items()))), roots, budget)
-        if len(paths) <= budget:
-            assert len(plan) == len(paths)
-            assert_dependencies_first(paths, plan)
-        elif budget > 1:
-            assert len(plan) == budget  # merging stops as soon as the closure fits
-        assert_dependencies_first_unless_cyclic(paths, plan)
+    for solo_bytes in (0, SOLO):
+        groups = len(plan_layers(paths, roots, 10**6, solo_bytes))  # the layers with no budget pressure
+        assert groups == len(paths) or solo_bytes
+        for budget in (1, 2, 3, rng.randint(1, 120), 100):
+            plan = plan_layers(paths, roots, budget, solo_bytes)
+            check_plan(paths, plan, budget)
+            assert plan == plan_layers(dict(reversed(list(paths.items()))), list(reversed(roots)), budget, solo_bytes)
+            assert len(plan) == min(groups, budget)  # merging stops as soon as the closure fits
+            if len(paths) <= budget and not solo_bytes:
+                assert_dependencies_first(paths, plan)
+            assert_dependencies_first_unless_cyclic(paths, plan)
 
 
-def test_random_subsets_share_layers():
+def test_random_subsets_share_layers_with_solo_bytes_zero():
     """Two images drawn from one package set share the solo layers of every common path."""
     rng = random.Random(7)
     universe, _ = random_closure(rng, 300)
@@ -209,9 +223,86 @@ def test_random_subsets_share_layers():
     for _ in range(20):
         roots_a, roots_b = rng.sample(everything, 3), rng.sample(everything, 3)
         a, b = restrict(universe, roots_a), restrict(universe, roots_b)
-        plan_a, plan_b = plan_layers(a, roots_a, 300), plan_layers(b, roots_b, 300)
+        plan_a, plan_b = plan_layers(a, roots_a, 300, 0), plan_layers(b, roots_b, 300, 0)
         keys_b = {layer.key for layer in plan_b}
         assert {layer.paths[0] for layer in plan_a if layer.key in keys_b} == set(a) & set(b)
+
+
+def test_random_subsets_share_the_layer_of_every_common_anchor():
+    """An anchor's layer depends on nothing but the path: any two images holding a path of
+    `solo_bytes` or more, or requesting the same package, share its layer."""
+    rng = random.Random(7)
+    universe, _ = random_closure(rng, 300)
+    everything = sorted(universe)
+    for _ in range(20):
+        roots_a, roots_b = rng.sample(everything, 3), rng.sample(everything, 3)
+        a, b = restrict(universe, roots_a), restrict(universe, roots_b)
+        keys_b = {layer.key for layer in plan_layers(b, roots_b, 300)}
+        anchors = {p for p in set(a) & set(b) if a[p].nar_size >= SOLO} | (set(roots_a) & set(roots_b))
+        assert anchors <= {p for layer in plan_layers(a, roots_a, 300) if layer.key in keys_b for p in layer.paths}
+        assert anchors <= solo_paths(plan_layers(a, roots_a, 300))
+
+
+# An app with small helpers, on a small language runtime's stack: sizes as nixpkgs reports them.
+STACK = {
+    "glibc": [], "libgcc": [], "zlib": ["glibc"], "libffi": ["glibc"], "expat": ["glibc"],
+    "python": ["glibc", "zlib", "libffi", "expat"],
+    "app": ["python", "glibc", "zlib", "app-data", "app-wrapper"], "app-data": [], "app-wrapper": ["app-data"],
+    "tool": ["glibc", "zlib", "libgcc"],
+}
+STACK_SIZES = {"glibc": 30 * MiB, "libgcc": 140_000, "zlib": 130_000, "libffi": 60_000, "expat": 250_000,
+               "python": 100 * MiB, "app": 3 * MiB, "app-data": 80_000, "app-wrapper": 2_000, "tool": 200_000}
+
+
+def layers_of(roots: list[str], budget: int = 100) -> set[tuple[str, ...]]:
+    universe = closure(STACK, STACK_SIZES)
+    paths = restrict(universe, [sp(r) for r in roots])
+    plan = plan_layers(paths, [sp(r) for r in roots], budget)
+    check_plan(paths, plan, budget)
+    return {layer.paths for layer in plan}
+
+
+def names(*items: str) -> tuple[str, ...]:
+    return tuple(sorted(sp(n) for n in items))
+
+
+def test_big_paths_and_requested_packages_get_a_layer_of_their_own():
+    assert {names("glibc"), names("python"), names("app"), names("tool")} <= layers_of(["app", "tool"])
+    assert names("tool") in layers_of(["tool"])  # 200 kB, but asked for
+
+
+def test_small_paths_share_one_layer_per_package_that_needs_them():
+    # The app's data and wrapper travel together; python's small libraries travel together.
+    assert layers_of(["app"]) == {names("glibc"), names("python"), names("app"), names("app-data", "app-wrapper", "zlib"),
+                                  names("libffi", "expat")}
+
+
+def test_a_small_path_reached_only_through_a_big_one_goes_with_the_big_one():
+    # libffi and expat are reached through python alone: one layer in every image asking for the app.
+    assert names("libffi", "expat") in layers_of(["app"]) & layers_of(["app", "tool"])
+    # Where nothing else needs zlib, python owns it too: the grouping is per image (the price of fewer layers).
+    assert names("libffi", "expat", "zlib") in layers_of(["python"])
+
+
+def test_a_small_path_two_packages_need_goes_with_the_one_of_bigger_closure():
+    # zlib is reached from app (closure of 9 paths) and tool (4): it goes with app; tool keeps libgcc.
+    both = layers_of(["app", "tool"])
+    assert names("app-data", "app-wrapper", "zlib") in both and names("libgcc") in both
+
+
+def test_an_anchor_layer_is_the_same_whatever_it_owns():
+    universe = closure(STACK, STACK_SIZES)
+    keys = []
+    for roots in (["app"], ["app", "tool"], ["tool"]):
+        paths = restrict(universe, [sp(r) for r in roots])
+        keys.append({layer.paths: layer.key for layer in plan_layers(paths, [sp(r) for r in roots], 100)})
+    assert keys[0][names("glibc")] == keys[1][names("glibc")] == keys[2][names("glibc")] == layer_key([sp("glibc")])
+    assert keys[0][names("app")] == keys[1][names("app")]
+
+
+def test_over_budget_the_biggest_groups_keep_their_layer():
+    assert layers_of(["app", "tool"], 4) == {names("glibc"), names("python"), names("app"), names(
+        "tool", "libgcc", "zlib", "app-data", "app-wrapper", "libffi", "expat")}
 
 
 def test_customisation_key_names_the_user_and_the_linked_packages_in_order():
