@@ -1,7 +1,7 @@
 """The Cloud Function: one HTTP entry point, `registry`, serving the registry pull API."""
 import flask
 import functions_framework
-from werkzeug.exceptions import NotFound
+from werkzeug.wrappers import Request
 
 from builder import server
 from builder.config import Config
@@ -17,7 +17,14 @@ def registry(request):
     return _registry.get().handle(request)
 
 
+def _wsgi(environ, start_response):
+    """`registry` as a plain WSGI application: werkzeug's request and response, no Flask in between."""
+    return registry(Request(environ))(environ, start_response)
+
+
 if flask.has_app_context():  # functions-framework runs this module inside its app's context
-    # Its catch-all route `/<path:path>` does not match a path holding a newline (%0A), which
-    # would get werkzeug's HTML 404: every path is the registry's to answer, with JSON errors.
-    flask.current_app.register_error_handler(NotFound, lambda _: registry(flask.request))
+    # Every request goes straight to the registry. Its catch-all route `/<path:path>` does not
+    # match a path holding a newline (%0A), which would get werkzeug's HTML 404, and Flask's
+    # routing and request context cost a warm manifest request a third of its time
+    # (bench/RESULTS.md, "Warm manifests over the workers").
+    flask.current_app.wsgi_app = _wsgi

@@ -14,8 +14,9 @@ import time
 import traceback
 from typing import NoReturn
 
-import flask
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
+from werkzeug.utils import send_file
+from werkzeug.wrappers import Request, Response
 
 from . import admission, errors, manifest, names, referrers
 from .build import ImageBuilder
@@ -40,8 +41,8 @@ _MAX_MANIFEST_SIZE = 4 << 20  # larger blobs are layers, never read as manifests
 _API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
-def _json(status: int, body: bytes, content_type: str = "application/json", **headers: str) -> flask.Response:
-    response = flask.Response(body, status=status, content_type=content_type)
+def _json(status: int, body: bytes, content_type: str = "application/json", **headers: str) -> Response:
+    response = Response(body, status=status, content_type=content_type)
     response.headers.update(_API_HEADERS)
     response.headers.update(headers)
     return response
@@ -75,7 +76,7 @@ def _single_valid_range(header: str) -> bool:
 OMITTED_PLATFORMS_HEADER = "Nixery-Omitted-Platforms"
 
 
-def _note_omitted_platforms(response: flask.Response, index: bytes) -> None:
+def _note_omitted_platforms(response: Response, index: bytes) -> None:
     """Platforms an index leaves out, and why, as a JSON object in a header clients can show."""
     omitted = manifest.omitted_platforms(index)
     if omitted:
@@ -105,10 +106,10 @@ class Registry:
 
     # -- dispatch --------------------------------------------------------
 
-    def error_response(self, error: errors.RegistryError) -> flask.Response:
+    def error_response(self, error: errors.RegistryError) -> Response:
         return _json(error.status, error.body(self.redact.value), **error.headers)
 
-    def handle(self, request: flask.Request) -> flask.Response:
+    def handle(self, request: Request) -> Response:
         started = time.monotonic()
         path = request.path
         fault: dict = {}
@@ -131,7 +132,7 @@ class Registry:
               **_logged_path(path), status=status, duration=round(time.monotonic() - started, 4), **fault)
         return response
 
-    def _route(self, request: flask.Request, path: str) -> flask.Response:
+    def _route(self, request: Request, path: str) -> Response:
         if self.page.handles(path):
             return self.page.handle(request, path)
         if not (path == "/v2" or path.startswith("/v2/")):
@@ -152,7 +153,7 @@ class Registry:
 
     # -- endpoints -------------------------------------------------------
 
-    def manifest(self, request: flask.Request, name: str, reference: str) -> flask.Response:
+    def manifest(self, request: Request, name: str, reference: str) -> Response:
         if names.is_digest(reference):
             names.check_repository(name, self.config.max_name_length)
             names.check_digest(reference)
@@ -187,7 +188,7 @@ class Registry:
         except errors.ManifestUnknown as e:
             raise errors.ServerError(f"storage lost image {image.name} right after it was stored: {e.message}") from e
 
-    def _image_manifest(self, record: ImageRecord, wanted: str) -> flask.Response:
+    def _image_manifest(self, record: ImageRecord, wanted: str) -> Response:
         ref = next((m for m in record.manifests if m.media_type == wanted), record.manifests[0])
         if self.manifests.get(ref.digest) is None:
             media_type, data = self._read_manifest(ref.digest)
@@ -198,7 +199,7 @@ class Registry:
             self.manifests.put(ref.digest, (media_type, data))
         return self._manifest_by_digest(ref.digest)
 
-    def _manifest_by_digest(self, digest: str) -> flask.Response:
+    def _manifest_by_digest(self, digest: str) -> Response:
         media_type, data = self.manifests.get_or_load(digest, lambda: self._read_manifest(digest))
         response = _json(200, data, content_type=media_type, **{"Docker-Content-Digest": digest})
         if media_type in manifest.INDEX_TYPES:
@@ -215,7 +216,7 @@ class Registry:
             raise errors.ManifestUnknown(f"manifest {digest} is not known to this registry", {"digest": digest})
         return media_type, data
 
-    def blob(self, request: flask.Request, name: str, digest: str) -> flask.Response:
+    def blob(self, request: Request, name: str, digest: str) -> Response:
         names.check_repository(name, self.config.max_name_length)
         names.check_digest(digest)
         if request.method == "HEAD":
@@ -236,8 +237,8 @@ class Registry:
         if not _single_valid_range(request.headers.get("Range", "bytes=0-")):
             request.environ.pop("HTTP_RANGE", None)  # answered with the whole blob
         try:
-            response = flask.send_file(location.path, mimetype="application/octet-stream", conditional=True,
-                                       etag=digest, max_age=31536000)
+            response = send_file(location.path, request.environ, mimetype="application/octet-stream",
+                                 conditional=True, etag=digest, max_age=31536000)
         except RequestedRangeNotSatisfiable:
             raise errors.RangeInvalid(
                 f"range {request.headers.get('Range', '')[:100]!r} is not satisfiable for a blob of {location.size} bytes"
@@ -251,7 +252,7 @@ class Registry:
         self.builder.forget_blob(digest)
         raise errors.BlobUnknown(f"blob {digest} is not known to this registry", {"digest": digest})
 
-    def tags(self, request: flask.Request, name: str) -> flask.Response:
+    def tags(self, request: Request, name: str) -> Response:
         names.check_repository(name, self.config.max_name_length)
         tags = ["latest"]
         last = request.args.get("last")
@@ -267,7 +268,7 @@ class Registry:
 
     # -- referrers (OCI 1.1) ---------------------------------------------
 
-    def referrers(self, request: flask.Request, name: str, digest: str) -> flask.Response:
+    def referrers(self, request: Request, name: str, digest: str) -> Response:
         """The referrers API: an index of the artifacts whose subject is `digest`, empty when none."""
         names.check_repository(name, self.config.max_name_length)
         names.check_digest(digest)
@@ -276,7 +277,7 @@ class Registry:
         headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type else {}
         return _json(200, body, content_type=referrers.INDEX_MEDIA_TYPE, **headers)
 
-    def referrers_tag(self, name: str, digest: str) -> flask.Response:
+    def referrers_tag(self, name: str, digest: str) -> Response:
         """The referrers tag schema (`sha256-<hex>`), for clients without the referrers API: 404 when none."""
         found = self.builder.referrers(digest)
         if not found:

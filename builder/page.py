@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import flask
+from werkzeug.wrappers import Request, Response
 
 from . import contents, errors, names, redact, sbom, sources
 from .cache import BuildProgress, BuiltImage, Cache, FailedBuild
@@ -252,7 +252,7 @@ class FrontPage:
     def handles(self, path: str) -> bool:
         return path in ("/", "/status.json") or path.startswith("/images/")
 
-    def handle(self, request: flask.Request, path: str) -> flask.Response:
+    def handle(self, request: Request, path: str) -> Response:
         if request.method not in ("GET", "HEAD"):
             raise errors.Unsupported(f"{request.method} is not supported here")
         host = request.host
@@ -285,8 +285,8 @@ class FrontPage:
         return None
 
     @staticmethod
-    def _response(body: bytes, content_type: str) -> flask.Response:
-        response = flask.Response(body, status=200, content_type=content_type)
+    def _response(body: bytes, content_type: str) -> Response:
+        response = Response(body, status=200, content_type=content_type)
         response.headers["Cache-Control"] = f"public, max-age={int(STATUS_SECONDS)}"
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response

@@ -13,6 +13,7 @@ import re
 import stat
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def resolve(tag: str, *, channel: str | None, pkgs_repo: str | None, pkgs_path: 
         if tag != "latest":
             raise ManifestUnknown(f"unknown tag {tag!r}: a local package set only has the tag 'latest'")
         path = os.path.abspath(pkgs_path)
-        digest = content_hash(path)
+        digest = _path_revision(path)
         return PackageSource("path", path, digest, f"path:{path}@{digest}", pinned=False)
     if pkgs_repo:
         return _git(tag, pkgs_repo, remember)
@@ -172,6 +173,22 @@ def _ls_remote_all(repo: str, patterns: list[str]) -> dict[str, str]:
 
 _hash_memo: dict[str, tuple[tuple, str]] = {}
 _hash_lock = threading.Lock()
+# A local package set's tree is stat-walked at most this often by `resolve` (every warm by-tag
+# manifest request resolves its tag): an edit shows in the pull that follows a second later.
+PATH_RECHECK_SECONDS = 1.0
+_path_memo: dict[str, tuple[str, float]] = {}
+
+
+def _path_revision(root: str) -> str:
+    now = time.monotonic()
+    with _hash_lock:
+        memo = _path_memo.get(root)
+    if memo is not None and now - memo[1] < PATH_RECHECK_SECONDS:
+        return memo[0]
+    digest = content_hash(root)
+    with _hash_lock:
+        _path_memo[root] = (digest, now)
+    return digest
 
 
 def content_hash(root: str) -> str:

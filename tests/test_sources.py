@@ -138,6 +138,21 @@ def test_path_source_only_has_latest_and_its_revision_is_a_content_hash(tmp_path
     assert sources.content_hash(str(copy)) != digest
 
 
+@pytest.mark.fast
+def test_a_local_package_set_edited_on_disk_is_seen_within_a_second(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(sources.time, "monotonic", lambda: clock[0])
+    copy = tmp_path / "copy"
+    shutil.copytree(DEMO, copy)
+    before = sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(copy)).revision
+    (copy / "default.nix").write_text((copy / "default.nix").read_text() + "\n")
+    clock[0] += sources.PATH_RECHECK_SECONDS / 2  # warm requests in between do not walk the tree
+    assert sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(copy)).revision == before
+    clock[0] += sources.PATH_RECHECK_SECONDS
+    after = sources.resolve("latest", channel=None, pkgs_repo=None, pkgs_path=str(copy)).revision
+    assert after != before and after == sources.content_hash(str(copy))
+
+
 def channel_dir(tmp_path: Path, **channels: str) -> str:
     """A folder served like channels.nixos.org: <channel>/git-revision."""
     root = tmp_path / "channels"
