@@ -15,6 +15,7 @@ from . import errors, manifest, names, sources
 from .build import ImageBuilder
 from .coordination import SingleFlight
 from .cache import ImageRecord, ManifestRef
+from .lru import Lru
 
 # The longest reason for an omitted platform that an index notes.
 OMISSION_MAX_CHARS = 300
@@ -55,6 +56,9 @@ class IndexBuilder:
         self.builder = builder
         self.platforms = platforms
         self._in_flight: SingleFlight[ImageRecord] = SingleFlight()
+        # (name, source identity) -> the platforms' images and the index key: what every warm
+        # by-tag request would otherwise parse and hash again for each platform.
+        self._named: Lru[tuple[dict, str]] = Lru(4096)
 
     def serves(self, request: names.ImageRequest) -> bool:
         """Whether this name gets an index: platforms are configured and the name chose none."""
@@ -63,12 +67,16 @@ class IndexBuilder:
     def index(self, request: names.ImageRequest, tag: str) -> ImageRecord:
         """The index of `request` under `tag`: one manifest per index flavour."""
         source = self.builder.resolve_source(tag)
-        images = self._images_named(request)
-        key = index_key(images, source.identity)
+        images, key = self._named.get_or_load(f"{source.identity}\n{request.name}",
+                                              lambda: self._named_and_keyed(request, source.identity))
         record = self.builder.cached_image(key)
         if record is not None:
             return record
         return self._in_flight.run(key, lambda: self._assemble(request, images, tag, source, key))
+
+    def _named_and_keyed(self, request: names.ImageRequest, identity: str) -> tuple[dict, str]:
+        images = self._images_named(request)
+        return images, index_key(images, identity)
 
     def _images_named(self, request: names.ImageRequest) -> dict[str, names.ImageRequest | errors.RegistryError]:
         """Platform -> the image its name (`arm64/<name>`) asks for: the same request, key and digest."""
