@@ -215,14 +215,19 @@ def test_random_graphs(seed):
             assert_dependencies_first_unless_cyclic(paths, plan)
 
 
-def test_random_subsets_share_layers_with_solo_bytes_zero():
-    """Two images drawn from one package set share the solo layers of every common path."""
+def image_pairs(count: int = 20):
+    """Pairs of images (closure, roots) of three packages each, drawn from one package set."""
     rng = random.Random(7)
     universe, _ = random_closure(rng, 300)
     everything = sorted(universe)
-    for _ in range(20):
+    for _ in range(count):
         roots_a, roots_b = rng.sample(everything, 3), rng.sample(everything, 3)
-        a, b = restrict(universe, roots_a), restrict(universe, roots_b)
+        yield restrict(universe, roots_a), roots_a, restrict(universe, roots_b), roots_b
+
+
+def test_random_subsets_share_layers_with_solo_bytes_zero():
+    """Two images drawn from one package set share the solo layers of every common path."""
+    for a, roots_a, b, roots_b in image_pairs():
         plan_a, plan_b = plan_layers(a, roots_a, 300, 0), plan_layers(b, roots_b, 300, 0)
         keys_b = {layer.key for layer in plan_b}
         assert {layer.paths[0] for layer in plan_a if layer.key in keys_b} == set(a) & set(b)
@@ -231,12 +236,7 @@ def test_random_subsets_share_layers_with_solo_bytes_zero():
 def test_random_subsets_share_the_layer_of_every_common_anchor():
     """An anchor's layer depends on nothing but the path: any two images holding a path of
     `solo_bytes` or more, or requesting the same package, share its layer."""
-    rng = random.Random(7)
-    universe, _ = random_closure(rng, 300)
-    everything = sorted(universe)
-    for _ in range(20):
-        roots_a, roots_b = rng.sample(everything, 3), rng.sample(everything, 3)
-        a, b = restrict(universe, roots_a), restrict(universe, roots_b)
+    for a, roots_a, b, roots_b in image_pairs():
         keys_b = {layer.key for layer in plan_layers(b, roots_b, 300)}
         anchors = {p for p in set(a) & set(b) if a[p].nar_size >= SOLO} | (set(roots_a) & set(roots_b))
         assert anchors <= {p for layer in plan_layers(a, roots_a, 300) if layer.key in keys_b for p in layer.paths}
