@@ -72,7 +72,7 @@ def resolve(tag: str, *, channel: str | None, pkgs_repo: str | None, pkgs_path: 
         if tag != "latest":
             raise ManifestUnknown(f"unknown tag {tag!r}: a local package set only has the tag 'latest'")
         path = os.path.abspath(pkgs_path)
-        digest = _path_revision(path)
+        digest = content_hash(path, recheck_after=PATH_RECHECK_SECONDS)
         return PackageSource("path", path, digest, f"path:{path}@{digest}", pinned=False)
     if pkgs_repo:
         return _git(tag, pkgs_repo, remember)
@@ -171,32 +171,25 @@ def _ls_remote_all(repo: str, patterns: list[str]) -> dict[str, str]:
 
 # -- content hash of a local package set --------------------------------------------
 
-_hash_memo: dict[str, tuple[tuple, str]] = {}
-_hash_lock = threading.Lock()
 # A local package set's tree is stat-walked at most this often by `resolve` (every warm by-tag
 # manifest request resolves its tag): an edit shows in the pull that follows a second later.
 PATH_RECHECK_SECONDS = 1.0
-_path_memo: dict[str, tuple[str, float]] = {}
+_hash_memo: dict[str, tuple[tuple, str, float]] = {}  # root -> (stat fingerprint, digest, when walked)
+_hash_lock = threading.Lock()
 
 
-def _path_revision(root: str) -> str:
-    now = time.monotonic()
-    with _hash_lock:
-        memo = _path_memo.get(root)
-    if memo is not None and now - memo[1] < PATH_RECHECK_SECONDS:
-        return memo[0]
-    digest = content_hash(root)
-    with _hash_lock:
-        _path_memo[root] = (digest, now)
-    return digest
-
-
-def content_hash(root: str) -> str:
+def content_hash(root: str, recheck_after: float = 0.0) -> str:
     """"sha256:<hex>" over every file of the tree at `root`: names, kinds, modes, contents, link targets.
 
-    `.git` folders are left out. Files are read again only when a stat of the tree
-    (names, sizes, mtimes, inodes) changed since the last call, so asking per request is cheap.
+    `.git` folders are left out. Files are read again only when a stat of the tree (names,
+    sizes, mtimes, inodes) changed since the last call; within `recheck_after` seconds of the
+    last stat-walk, its answer stands without one.
     """
+    now = time.monotonic()
+    with _hash_lock:
+        memo = _hash_memo.get(root)
+    if memo is not None and now - memo[2] < recheck_after:
+        return memo[1]
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != ".git")
@@ -206,10 +199,10 @@ def content_hash(root: str) -> str:
             entries.append((os.path.relpath(full, root), st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino))
     entries.sort()
     fingerprint = tuple(entries)
-    with _hash_lock:
-        memo = _hash_memo.get(root)
-        if memo is not None and memo[0] == fingerprint:
-            return memo[1]
+    if memo is not None and memo[0] == fingerprint:
+        with _hash_lock:
+            _hash_memo[root] = (fingerprint, memo[1], now)
+        return memo[1]
     digest = hashlib.sha256()
     for rel, mode, _, _, _ in entries:
         full = os.path.join(root, rel)
@@ -223,5 +216,5 @@ def content_hash(root: str) -> str:
                 digest.update(f"{kind} {rel}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
     value = "sha256:" + digest.hexdigest()
     with _hash_lock:
-        _hash_memo[root] = (fingerprint, value)
+        _hash_memo[root] = (fingerprint, value, now)
     return value
