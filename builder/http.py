@@ -93,7 +93,7 @@ class Registry:
         # Bytes are checked against their digest before they are kept.
         self.manifests: Lru[tuple[str, bytes]] = Lru(config.manifest_memory_bytes, weight=lambda item: len(item[1]))
         self.redact = Redactor.from_config(config)
-        self.indexes = IndexBuilder(builder, config.platforms)
+        self.indexes = IndexBuilder(builder, config.platforms, memory_entries=config.memory_cache_entries)
         self.page = FrontPage(config, builder.cache, lambda: builder.resolve_source("latest"), self.redact.text,
                               lambda digest: builder.referrers(digest), storage.read_bytes)
 

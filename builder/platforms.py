@@ -52,13 +52,14 @@ def _all_failed(failures: dict[str, errors.RegistryError]) -> errors.RegistryErr
 
 
 class IndexBuilder:
-    def __init__(self, builder: ImageBuilder, platforms: tuple[str, ...]):
+    def __init__(self, builder: ImageBuilder, platforms: tuple[str, ...], *, memory_entries: int):
         self.builder = builder
         self.platforms = platforms
         self._in_flight: SingleFlight[ImageRecord] = SingleFlight()
         # (name, source identity) -> the platforms' images and the index key: what every warm
-        # by-tag request would otherwise parse and hash again for each platform.
-        self._named: Lru[tuple[dict, str]] = Lru(4096)
+        # by-tag request would otherwise parse and hash again for each platform. One entry per
+        # image name, bounded like the instance's memory of image records (MEMORY_CACHE_ENTRIES).
+        self._named: Lru[tuple[dict, str]] = Lru(memory_entries)
 
     def serves(self, request: names.ImageRequest) -> bool:
         """Whether this name gets an index: platforms are configured and the name chose none."""
